@@ -1,0 +1,22 @@
+"""finetune: fine-tune LLMs on your own GPU.
+
+`python -m finetune` composes the Hydra config groups in configs/ and runs `finetune.pipeline.run`.
+Importing this package stays light (no torch): heavy libraries load only where a step uses them.
+"""
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad configuration, missing weights or data. Printed without a traceback."""
+
+
+def config_dir() -> Path:
+    """The packaged configs: finetune/configs in a wheel, the top-level configs/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "finetune.yaml").is_file():
+            return candidate
+    raise UserError(f"finetune's configs/ folder is missing next to {here}; reinstall the package.")

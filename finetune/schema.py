@@ -1,0 +1,271 @@
+"""The typed root schema: the one place where a configuration is validated.
+
+Hydra merges every group file and command-line override into these dataclasses, so an unknown key
+or a wrong type fails during composition. `validate()` then checks what types cannot express
+(ranges, allowed names, combinations that cannot train). Both kinds of failure reach the user as a
+`UserError` that names the key and the fix. No torch import here: `--cfg job` must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import MISSING
+
+from finetune import UserError, config_dir
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name, used for run folders
+    name_or_path: str = MISSING  # hub id or local folder (a folder with only config.json plans)
+    gguf_file: Optional[str] = None  # "<pip distribution>:<path inside it>" of a GGUF checkpoint
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    arch: dict[str, Any] = field(default_factory=dict)  # config.json numbers, for offline planning
+
+
+@dataclass
+class QuantConfig:
+    load_in: str = "none"  # none | 8bit | 4bit
+    bnb_4bit_quant_type: str = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # false: full fine-tune
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # None: the model's lora_target_modules
+    use_dora: bool = False
+
+
+@dataclass
+class BatchConfig:
+    size: int = 8  # micro-batch per device
+    grad_accum: int = 1
+    effective: Optional[int] = None  # global batch; when set, grad_accum is derived from it
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    galore_layerwise: bool = False
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    num_gpus: int = 0
+    gpu_memory_gb: float = 0.0
+    compute_capability: Optional[float] = None
+    bf16: bool = False
+    flash_attention: bool = False
+    tflops: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # demo | file
+    path: Optional[str] = None
+    num_train: int = 400  # demo only: generated training examples
+    eval_fraction: float = 0.05  # file only: share held out for scoring
+    max_length: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1
+    epochs: float = 1.0
+    gradient_checkpointing: bool = True
+    logging_steps: int = 5
+    eval_samples: int = 30
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    hw: HardwareConfig = field(default_factory=HardwareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 42
+    output_dir: str = "runs"
+    run_name: Optional[str] = None
+    dry_run: bool = False
+
+
+ConfigStore.instance().store(name="finetune_schema", node=Config)
+
+
+class _PackagedConfigs(SearchPathPlugin):
+    """Keeps the packaged configs on Hydra's search path when a recipe folder is the primary one
+    (`-cd my_recipes -cn my-recipe`), so the recipe can build on them: `defaults: [finetune, ...]`."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="finetune", path=f"file://{config_dir()}")
+
+
+Plugins.instance().register(_PackagedConfigs)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+QUANT = ("none", "8bit", "4bit")
+QUANT_4BIT_TYPES = ("nf4", "fp4")
+# Our optimizer names -> transformers' `optim` names.
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "adafactor": "adafactor",
+    "galore": "galore_adamw",
+    "galore_8bit": "galore_adamw_8bit",
+}
+DATA_SOURCES = ("demo", "file")
+
+# Names other tools use for our keys: a user coming from them gets pointed at ours.
+KNOWN_ALIASES = {
+    "learning_rate": "lr",
+    "batch_size": "size",
+    "micro_batch_size": "size",
+    "per_device_train_batch_size": "size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "model_name": "name_or_path",
+    "base_model": "name_or_path",
+    "load_in_4bit": "load_in",
+    "load_in_8bit": "load_in",
+    "sequence_len": "max_length",
+    "max_seq_length": "max_length",
+    "cutoff_len": "max_length",
+}
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """' Did you mean X?' for the closest choice, or '' when nothing is close."""
+    if KNOWN_ALIASES.get(word) in choices:
+        return f" Did you mean '{KNOWN_ALIASES[word]}'?"
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close:  # a prefix of a longer name: model=qwen -> qwen2.5-7b
+        close = [c for c in choices if word and c.startswith(word)][:1]
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _one_of(errors: list[str], key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        errors.append(
+            f"{key}={value!r} is not one of {', '.join(allowed)}.{did_you_mean(str(value), list(allowed))}"
+        )
+
+
+def validate(cfg: Any) -> None:
+    """Check ranges and combinations; raise one UserError listing every problem found."""
+    e: list[str] = []
+    m, q, lo, b, o, hw, d, t = cfg.model, cfg.quant, cfg.lora, cfg.batch, cfg.optim, cfg.hw, cfg.data, cfg.train
+
+    _one_of(e, "model.dtype", m.dtype, DTYPES)
+    _one_of(e, "model.attn_implementation", m.attn_implementation, ATTENTION)
+    _one_of(e, "quant.load_in", q.load_in, QUANT)
+    _one_of(e, "quant.bnb_4bit_quant_type", q.bnb_4bit_quant_type, QUANT_4BIT_TYPES)
+    _one_of(e, "optim.name", o.name, list(OPTIMIZERS))
+    _one_of(e, "data.name", d.name, DATA_SOURCES)
+
+    if lo.enabled:
+        if lo.r < 1:
+            e.append(f"lora.r={lo.r} must be at least 1 (typical: 8-64). For a full fine-tune use lora=none.")
+        if lo.alpha <= 0:
+            e.append(f"lora.alpha={lo.alpha} must be positive (common choice: 2 * lora.r).")
+        if not 0 <= lo.dropout < 1:
+            e.append(f"lora.dropout={lo.dropout} must be in [0, 1).")
+        if lo.target_modules is not None and not lo.target_modules:
+            e.append("lora.target_modules is empty: name modules (e.g. [q_proj,v_proj]) or use null.")
+    elif q.load_in != "none":
+        e.append(
+            f"quant={q.load_in} with a full fine-tune (lora=none): quantized weights cannot be trained. "
+            "Use lora=r16 (QLoRA) or quant=none."
+        )
+
+    if b.size < 1:
+        e.append(f"batch.size={b.size} must be at least 1.")
+    if b.grad_accum < 1:
+        e.append(f"batch.grad_accum={b.grad_accum} must be at least 1.")
+    if b.effective is not None:
+        per_step = max(b.size, 1) * max(hw.num_gpus, 1)
+        if b.effective < 1 or b.effective % per_step:
+            e.append(
+                f"batch.effective={b.effective} must be a positive multiple of batch.size x GPUs = {per_step} "
+                f"(e.g. batch.effective={per_step * max(1, round(max(b.effective, 1) / per_step))})."
+            )
+
+    if o.lr <= 0:
+        e.append(f"optim.lr={o.lr} must be positive (typical: 1e-5 full fine-tune, 2e-4 LoRA).")
+    if o.weight_decay < 0:
+        e.append(f"optim.weight_decay={o.weight_decay} must not be negative.")
+    if not 0 <= o.warmup_ratio < 1:
+        e.append(f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1).")
+    if o.name.startswith("galore"):
+        if lo.enabled:
+            e.append(f"optim={o.name} trains full weights through low-rank gradients: use it with lora=none.")
+        if o.galore_rank < 1:
+            e.append(f"optim.galore_rank={o.galore_rank} must be at least 1 (typical: 128-1024).")
+        if o.galore_layerwise and b.grad_accum != 1:
+            e.append("optim.galore_layerwise=true updates during backward: it needs batch.grad_accum=1.")
+
+    if hw.num_gpus < 0:
+        e.append(f"hw.num_gpus={hw.num_gpus} must not be negative (0 = CPU).")
+    if hw.num_gpus > 0 and hw.gpu_memory_gb <= 0:
+        e.append(f"hw.gpu_memory_gb={hw.gpu_memory_gb} must be positive for a GPU (hw.num_gpus={hw.num_gpus}).")
+
+    if d.name == "file" and not d.path:
+        e.append("data=file needs data.path=<your .jsonl/.json/.csv/.parquet file>.")
+    if d.max_length < 8:
+        e.append(f"data.max_length={d.max_length} is too short to hold a prompt and an answer (use >= 64).")
+    if not 0 <= d.eval_fraction < 1:
+        e.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
+    if d.num_train < 1:
+        e.append(f"data.num_train={d.num_train} must be at least 1.")
+
+    if t.max_steps == 0 or t.max_steps < -1:
+        e.append(f"train.max_steps={t.max_steps} must be -1 (use train.epochs) or at least 1.")
+    if t.epochs <= 0:
+        e.append(f"train.epochs={t.epochs} must be positive.")
+    if t.logging_steps < 1:
+        e.append(f"train.logging_steps={t.logging_steps} must be at least 1.")
+    if t.eval_samples < 0:
+        e.append(f"train.eval_samples={t.eval_samples} must not be negative (0 skips scoring).")
+
+    if e:
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(e))
+
+
+def grad_accum(cfg: Any) -> int:
+    """Gradient accumulation steps: from batch.effective when it is set, else batch.grad_accum."""
+    if cfg.batch.effective is None:
+        return cfg.batch.grad_accum
+    return cfg.batch.effective // (cfg.batch.size * max(cfg.hw.num_gpus, 1))

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny chat model and tokenizer built locally (no hub), and ways to run finetune."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import config_dir
+from finetune.data import demo_examples
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Tests never reach a hub: fail fast instead of retrying a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_tiny_model(folder: Path, arch: str = "qwen2") -> Path:
+    """A 2-layer chat model with a byte-level BPE tokenizer trained on the demo task, saved to `folder`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    train, held_out = demo_examples(200, 20, seed=0)
+    corpus = [ex["prompt"][0]["content"] + " " + ex["completion"][0]["content"] for ex in train + held_out]
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus + ["user assistant system"] * 20,
+        trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = CHATML
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+def tiny_overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides that train the local tiny model on the demo task for two steps."""
+    return [
+        "model.name=test-tiny",
+        f"model.name_or_path={model_dir}",
+        "model.gguf_file=null",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "train.eval_samples=4",
+        "batch.size=2",
+        "data.num_train=16",
+        *extra,
+    ]
+
+
+def compose(overrides: list[str], config_name: str = "finetune", folder: Path | None = None):
+    """The configuration `python -m finetune <overrides>` would run, through Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import finetune.schema  # noqa: F401 - registers the schema with Hydra
+
+    with initialize_config_dir(config_dir=str(folder or config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def run_cli(*args: str, module: str = "finetune", cwd: Path | None = None, timeout: int = 600):
+    """Run `python -m <module> <args>` in a fresh process; returns the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )

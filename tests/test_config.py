@@ -1,0 +1,136 @@
+"""Composition and validation: every shipped option composes; every class of bad input gets one clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import compose, run_cli
+
+from finetune import UserError, config_dir, schema
+
+GROUPS = ["model", "quant", "lora", "batch", "optim", "hw", "data"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def test_contract_groups_and_options_exist():
+    for group in GROUPS:
+        assert options(group), group
+    assert {"none", "8bit", "4bit"} <= set(options("quant"))
+    assert {"none", "r8", "r16", "r32", "r64"} <= set(options("lora"))
+    assert set(schema.OPTIMIZERS) <= set(options("optim"))
+    assert {"cpu", "t4", "v100-16gb", "v100-32gb", "rtx4090", "a6000", "a100-40gb", "a100-80gb", "h100"} <= set(
+        options("hw")
+    )
+    seed_models = {"tiny", "phi-3-mini", "llama-3-8b", "qwen2.5-7b", "qwen2-vl-7b", "gpt-oss-20b", "llama-3-70b"}
+    assert seed_models <= set(options("model"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option):
+    # The combinations an option needs to be valid: GaLore trains full weights, quantization needs adapters.
+    needs = {("optim", "galore"): ["lora=none"], ("optim", "galore_8bit"): ["lora=none"], ("lora", "none"): []}
+    extra = needs.get((group, option), [])
+    if group == "data" and option == "file":
+        extra = ["data.path=train.jsonl"]
+    cfg = compose([f"{group}={option}", *extra])
+    schema.validate(cfg)
+    assert cfg[group] is not None
+
+
+def test_every_shipped_file_opens_with_its_command():
+    for path in config_dir().rglob("*.yaml"):
+        head = [line for line in path.read_text().splitlines()[:3] if "python -m finetune" in line]
+        assert head, f"{path} must open with the command that uses it"
+
+
+def test_model_configs_carry_hub_id_and_architecture():
+    for name in options("model"):
+        cfg = compose([f"model={name}"])
+        assert "/" in cfg.model.name_or_path, name
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "model_type"):
+            assert key in cfg.model.arch, (name, key)
+
+
+def test_demo_defaults_apply_but_command_line_wins():
+    cfg = compose([])
+    assert cfg.train.max_steps == 20 and cfg.optim.lr == 2e-3
+    cfg = compose(["train.max_steps=7", "optim.lr=1e-4"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-4
+
+
+def test_effective_batch_derives_accumulation():
+    cfg = compose(["batch.size=2", "batch.effective=16"])
+    schema.validate(cfg)
+    assert schema.grad_accum(cfg) == 8
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lr=-1"], "optim.lr=-1.0 must be positive"),
+        (["lora.r=0"], "lora.r=0 must be at least 1"),
+        (["batch.size=0"], "batch.size=0 must be at least 1"),
+        (["quant=4bit", "lora=none"], "quantized weights cannot be trained"),
+        (["optim=galore"], "use it with lora=none"),
+        (["batch.size=3", "batch.effective=16"], "batch.effective=16 must be a positive multiple"),
+        (["quant.load_in=4bits"], "Did you mean '4bit'?"),
+        (["optim.name=adam"], "Did you mean 'adamw'?"),
+        (["data=file"], "data=file needs data.path"),
+    ],
+)
+def test_validation_messages(overrides, message):
+    with pytest.raises(UserError, match=None) as err:
+        schema.validate(compose(overrides))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["optim.learning_rate=1e-4"], "unknown key 'optim.learning_rate'. Did you mean 'optim.lr'?"),
+        (["batch.batch_size=4"], "Did you mean 'batch.size'?"),
+        (["model=qwen2.5-7"], "model=qwen2.5-7 is not a known option. Did you mean 'qwen2.5-7b'?"),
+        (["lora=r12"], "lora=r12 is not a known option"),
+        (["optim.lr=fast"], "wrong value for 'optim.lr'"),
+        (["batch.size=1.5"], "wrong value for 'batch.size'"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
+        (["lora.r=0"], "lora.r=0 must be at least 1"),
+        (["batch.size=0"], "batch.size=0 must be at least 1"),
+        (["quant=4bit", "lora=none"], "quantized weights cannot be trained"),
+        (["lora.r=[1"], "could not parse the command line"),
+    ],
+)
+def test_bad_command_line_gives_one_clear_message(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("finetune: error:")
+
+
+def test_bad_recipe_names_key_and_file(tmp_path: Path):
+    (tmp_path / "my-recipe.yaml").write_text(
+        "defaults:\n  - finetune\n  - override model: llama-3-8b\n  - _self_\noptim:\n  learning_rate: 1e-4\n"
+    )
+    result = run_cli("-cd", str(tmp_path), "-cn", "my-recipe")
+    assert result.returncode == 2
+    assert "unknown key 'optim.learning_rate' in my-recipe.yaml. Did you mean 'optim.lr'?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_recipe_in_any_folder_extends_packaged_defaults(tmp_path: Path):
+    (tmp_path / "qlora.yaml").write_text(
+        "# python -m finetune -cd <this folder> -cn qlora\n"
+        "defaults:\n  - finetune\n  - override model: llama-3-8b\n  - override quant: 4bit\n  - _self_\n"
+        "optim:\n  lr: 1.0e-4\n"
+    )
+    cfg = compose([], config_name="qlora", folder=tmp_path)
+    schema.validate(cfg)
+    assert cfg.model.name == "llama-3-8b" and cfg.quant.load_in == "4bit" and cfg.optim.lr == 1e-4
+    result = run_cli("-cd", str(tmp_path), "-cn", "qlora", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "name: llama-3-8b" in result.stdout
