@@ -57,7 +57,7 @@ def test_model_configs_carry_hub_id_and_architecture():
 
 def test_demo_defaults_apply_but_command_line_wins():
     cfg = compose([])
-    assert cfg.train.max_steps == 20 and cfg.optim.lr == 2e-3
+    assert cfg.train.max_steps == 30 and cfg.optim.lr == 2e-3
     cfg = compose(["train.max_steps=7", "optim.lr=1e-4"])
     assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-4
 
@@ -134,3 +134,16 @@ def test_recipe_in_any_folder_extends_packaged_defaults(tmp_path: Path):
     result = run_cli("-cd", str(tmp_path), "-cn", "qlora", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "name: llama-3-8b" in result.stdout
+
+
+def test_every_recipe_composes_validates_and_dry_runs():
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    names = sorted(p.stem for p in recipes.glob("*.yaml"))
+    assert names
+    for name in names:
+        assert "python -m finetune -cd recipes -cn " + name in (recipes / f"{name}.yaml").read_text()
+        cfg = compose(["data.path=chats.jsonl"], config_name=name, folder=recipes)
+        schema.validate(cfg)
+    result = run_cli("-cd", str(recipes), "-cn", names[0], "data.path=chats.jsonl", "dry_run=true")
+    assert result.returncode == 0, result.stderr
+    assert "finetune plan" in result.stdout
