@@ -7,12 +7,15 @@ lacks the suggestion. Anything not recognised here is a bug in finetune and keep
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
+from collections.abc import Callable
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from finetune import UserError
+from finetune import UserError, config_dir
 from finetune.schema import Config, did_you_mean
 
 
@@ -83,3 +86,34 @@ def explain(err: BaseException) -> str | None:
     if isinstance(err, ConfigCompositionException):
         return text.splitlines()[0]
     return None
+
+
+def _fail(message: str) -> None:
+    print(f"finetune: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_cli(job: Callable[[typing.Any], None]) -> None:
+    """Compose the config from sys.argv with Hydra and run `job(cfg)`; user errors become one line.
+
+    Hydra prints its own composition errors and exits; with HYDRA_FULL_ERROR it raises them instead,
+    so they can be explained here with a did-you-mean. Whoever set it himself gets the traceback.
+    """
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="finetune")
+    def _job(cfg: typing.Any) -> None:
+        try:
+            job(cfg)
+        except UserError as err:  # inside the job: Hydra would print a banner before re-raising
+            _fail(str(err))
+
+    raw = "HYDRA_FULL_ERROR" in os.environ
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _job()
+    except Exception as err:
+        message = explain(err)
+        if raw or message is None:
+            raise
+        _fail(message)

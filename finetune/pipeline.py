@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import UserError, data, plan, schema
+from finetune import UserError, autofit, data, plan, schema
 
 
 @dataclass
@@ -25,11 +25,18 @@ class Result:
 
 def run(cfg: Any) -> Result | None:
     schema.validate(cfg)
-    plan.show(cfg)
+    resolved = autofit.resolve(cfg)
+    plan.show(resolved)
     if cfg.dry_run:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
+        print(OmegaConf.to_yaml(resolved.cfg, resolve=True))
+        try:
+            autofit.require_fit(resolved, cfg)
+        except UserError as err:
+            print(f"Would stop here: {err}")
         print("dry_run=true: nothing loaded, nothing trained.")
         return None
+    autofit.require_fit(resolved, cfg)
+    cfg = resolved.cfg
     _check_runtime(cfg)
     if cfg.run_name and (Path(cfg.output_dir) / cfg.run_name).exists():  # fail before minutes of loading
         raise UserError(f"{Path(cfg.output_dir) / cfg.run_name} already exists: choose another run_name.")
@@ -85,7 +92,7 @@ def _sft_config(cfg: Any, run_dir: Path, prec: plan.Precision):
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch.size,
-        gradient_accumulation_steps=schema.grad_accum(cfg),
+        gradient_accumulation_steps=cfg.batch.grad_accum,
         learning_rate=o.lr,
         weight_decay=o.weight_decay,
         lr_scheduler_type=o.lr_scheduler,

@@ -1,8 +1,14 @@
-"""The plan: every setting a run will use, with the reason, shown before anything heavy loads."""
+"""The plan: every setting a run will use and why, the memory it needs, and whether it fits.
+
+`python -m finetune.plan <the same overrides as training> [format=table|json] [chart=<file.png>]`
+resolves the config exactly as a training run would, prints the plan and a methods table for the
+model (full fine-tune, LoRA, LoRA + 4-bit, LoRA + 8-bit, inference), and loads no weights.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import schema
+from finetune import memory
 
 
 @dataclass(frozen=True)
@@ -46,68 +52,194 @@ def precision(cfg: Any) -> Precision:
 
 def model_arch(model_cfg: Any) -> dict:
     """The architecture to plan for: a local folder's config.json, else the model config's numbers."""
-    local = Path(model_cfg.name_or_path).expanduser() / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
+    if (Path(model_cfg.name_or_path).expanduser() / "config.json").is_file():
+        return memory.load_arch(model_cfg.name_or_path)
     return OmegaConf.to_container(model_cfg.arch) if OmegaConf.is_config(model_cfg.arch) else dict(model_cfg.arch)
 
 
-def count_params(arch: dict) -> int | None:
-    """Exact parameter count of the architecture, built on the meta device (no memory, no weights)."""
-    if not arch:
+def seconds_per_100_steps(p: Any) -> float | None:
+    if not p.tokens_per_second:
         return None
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    config = AutoConfig.for_model(**arch)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    c = p.cfg
+    return 100 * c.batch.effective * c.data.max_length / p.tokens_per_second
 
 
-def rows(cfg: Any) -> list[tuple[str, str, str]]:
-    """(setting, value, why) for the plan table."""
-    m, q, lo, b, o, hw, d, t = cfg.model, cfg.quant, cfg.lora, cfg.batch, cfg.optim, cfg.hw, cfg.data, cfg.train
-    prec = precision(cfg)
-    params = count_params(model_arch(m))
-    accum = schema.grad_accum(cfg)
-    gpus = max(hw.num_gpus, 1)
-    out = [
-        ("model", m.name_or_path, f"{params / 1e9:.2f}B parameters" if params else "architecture unknown"),
-        ("hardware", hw.name, f"{hw.num_gpus} x {hw.gpu_memory_gb:g} GiB" if hw.num_gpus else "CPU only"),
-        ("precision", prec.weights, prec.why),
-    ]
-    if q.load_in == "4bit":
-        out.append(("quantization", f"4-bit {q.bnb_4bit_quant_type}", "double quant" if q.double_quant else ""))
-    else:
-        out.append(("quantization", q.load_in, "bitsandbytes LLM.int8()" if q.load_in == "8bit" else ""))
+def rows(p: Any) -> list[tuple[str, str, str]]:
+    """(setting, value, why) for the plan table of a resolved plan (finetune.autofit.Plan)."""
+    c = p.cfg
+    m, lo, o, d, t = c.model, c.lora, c.optim, c.data, c.train
+    prec = precision(c)
+    out = [("model", m.name_or_path, f"{p.params / 1e9:.2f}B parameters"), *p.decisions[:1]]
+    out.append(("precision", prec.weights, prec.why))
     if lo.enabled:
         targets = lo.target_modules if lo.target_modules is not None else m.lora_target_modules
         kind = "DoRA" if lo.use_dora else "LoRA"
         out.append(("adapters", f"{kind} r={lo.r} alpha={lo.alpha}", ",".join(targets)))
     else:
         out.append(("adapters", "none", "full fine-tune: every weight is trained"))
+    out += p.decisions[1:]
     out += [
-        ("batch", f"{b.size} x {accum} x {gpus} = {b.size * accum * gpus}", "micro-batch x accumulation x GPUs"),
-        ("optimizer", f"{o.name} lr={o.lr:g}", f"{o.lr_scheduler}, warmup {o.warmup_ratio:g}"),
-        ("gradient checkpointing", "on" if t.gradient_checkpointing else "off", "recompute activations in backward"),
+        ("effective batch", str(c.batch.effective), f"{c.batch.size} x {c.batch.grad_accum} x {max(c.hw.num_gpus, 1)} GPU(s)"),
+        ("learning rate", f"{o.lr:g}", f"{o.lr_scheduler}, warmup {o.warmup_ratio:g}"),
         ("data", d.name if d.name == "demo" else str(d.path), f"max_length={d.max_length}"),
         ("length", f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs", ""),
     ]
+    e = p.estimate
+    out.append(
+        (
+            "memory per device",
+            f"{e.total_gib:.1f} GiB",
+            f"weights {e.weights_gib:.1f} + adapters {e.adapter_gib:.2f} + gradients {e.gradients_gib:.2f} + "
+            f"optimizer {e.optimizer_gib:.2f} + activations {e.activations_gib:.1f} + overhead {e.overhead_gib:.1f}",
+        )
+    )
+    verdict = "fits" if p.fits else "DOES NOT FIT"
+    out.append(("budget", f"{p.budget_gib:.1f} GiB", f"{verdict} (90% of the device, a safety margin)"))
+    if p.tokens_per_second:
+        out.append(
+            (
+                "speed (estimate)",
+                f"{p.tokens_per_second:,.0f} tokens/s",
+                f"{seconds_per_100_steps(p) / 60:.1f} min per 100 steps at {c.hw.tflops:g} TFLOP/s, "
+                "40% peak utilisation",
+            )
+        )
     return out
 
 
-def show(cfg: Any) -> None:
+def _console():
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=140)  # piped: don't squeeze into 80 columns
+
+
+def _table(title: str, header: tuple[str, ...], body: list[tuple[str, ...]]):
     from rich.table import Table
 
-    table = Table(title=f"finetune plan: {cfg.model.name} on {cfg.hw.name}", title_justify="left")
-    for column in ("setting", "value", "why"):
+    table = Table(title=title, title_justify="left")
+    for column in header:
         table.add_column(column)
-    for row in rows(cfg):
+    for row in body:
         table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # piped or logged: don't squeeze the table into 80 columns
-        console = Console(width=120)
-    console.print(table)
+    return table
+
+
+def show(p: Any) -> None:
+    c = p.cfg
+    _console().print(_table(f"finetune plan: {c.model.name} on {c.hw.name}", ("setting", "value", "why"), rows(p)))
+
+
+def methods(cfg: Any) -> dict:
+    """The seed guide's comparison for one model: training memory of each method with the smallest
+    GPU that holds it, and inference memory at 16/8/4 bits. Micro-batch 1, gradient checkpointing,
+    AdamW, the config's max_length; LoRA at the config's rank (16 when auto)."""
+    from finetune import autofit, hardware
+
+    arch = model_arch(cfg.model)
+    r = cfg.lora.r if cfg.lora.r != "auto" else autofit.LORA_RANK
+    base = {"optim": "adamw", "size": 1, "accum": 1, "ckpt": True, "r": r}
+    full = OmegaConf.merge(cfg, {"lora": {"enabled": False}})
+    lora = OmegaConf.merge(cfg, {"lora": {"enabled": True}})
+    gpus = hardware.presets()
+
+    def smallest(gib: float) -> str:
+        fit = next((g["name"] for g in gpus if g["gpu_memory_gb"] * (1 - autofit.SAFETY_MARGIN) >= gib), None)
+        return fit or "none (shard across GPUs)"
+
+    training = {}
+    for label, c, quant in (("full", full, "none"), ("lora", lora, "none"), ("lora_4bit", lora, "4bit"), ("lora_8bit", lora, "8bit")):
+        gib = memory.estimate(arch, autofit.settings(c, quant=quant, **base)).total_gib
+        training[label] = {"gib": round(gib, 2), "smallest_gpu": smallest(gib)}
+    text = arch.get("text_config", arch)
+    heads = text["num_attention_heads"]
+    kv_cache = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * (
+        text.get("head_dim") or text["hidden_size"] // heads
+    ) * 2048 * 2 / 2**30
+    inference = {}
+    for label, quant in (("16bit", "none"), ("8bit", "8bit"), ("4bit", "4bit")):
+        weights = memory.estimate(arch, autofit.settings(lora, quant=quant, **base)).weights_gib
+        inference[label] = round(weights + kv_cache + memory.CUDA_CONTEXT_GIB, 2)
+    return {"training": training, "inference": inference, "assumptions": methods.__doc__.split("GPUs, ")[0]}
+
+
+def show_methods(cfg: Any, table: dict) -> None:
+    t, i = table["training"], table["inference"]
+    train_row = tuple(f"{t[k]['gib']:.1f} GiB ({t[k]['smallest_gpu']})" for k in ("full", "lora", "lora_4bit", "lora_8bit"))
+    console = _console()
+    console.print(
+        _table(
+            f"{cfg.model.name}: training memory (smallest GPU), micro-batch 1, checkpointing, AdamW, "
+            f"max_length={cfg.data.max_length}",
+            ("Full FT", "LoRA", "LoRA + 4bit", "LoRA + 8bit"),
+            [train_row],
+        )
+    )
+    console.print(
+        _table(
+            f"{cfg.model.name}: inference memory (weights + 2048-token KV cache + CUDA context)",
+            ("16-bit", "8-bit", "4-bit"),
+            [tuple(f"{i[k]:.1f} GiB" for k in ("16bit", "8bit", "4bit"))],
+        )
+    )
+
+
+def as_json(p: Any, table: dict) -> dict:
+    """The object `format=json` prints (its keys are a public contract: see the README)."""
+    c = p.cfg
+    resolved = OmegaConf.to_container(c, resolve=True)
+    settings = {group: resolved[group] for group in ("quant", "lora", "batch", "optim", "hw", "data", "train")}
+    settings["model"] = {k: v for k, v in resolved["model"].items() if k != "arch"}
+    settings["precision"] = precision(c).weights
+    return {
+        "model": {"name": c.model.name, "name_or_path": c.model.name_or_path, "params": p.params},
+        "settings": settings,
+        "decisions": [{"setting": s, "value": v, "why": w} for s, v, w in p.decisions],
+        "estimate": {k: round(v, 3) for k, v in p.estimate.as_dict().items()},
+        "budget_gib": round(p.budget_gib, 3),
+        "fits": p.fits,
+        "tokens_per_second": p.tokens_per_second and round(p.tokens_per_second, 1),
+        "seconds_per_100_steps": seconds_per_100_steps(p) and round(seconds_per_100_steps(p), 1),
+        "methods": table,
+    }
+
+
+def _plan_job(cfg: Any, output: str, chart: str | None) -> None:
+    from finetune import autofit, schema
+
+    schema.validate(cfg)
+    p = autofit.resolve(cfg)
+    table = methods(cfg)
+    if output == "json":
+        print(json.dumps(as_json(p, table), indent=2))
+    else:
+        show(p)
+        show_methods(p.cfg, table)
+    if chart:
+        from finetune import chart as charts
+
+        charts.galore_chart(chart, p.cfg.hw)
+        print(f"chart written to {chart}", file=sys.stderr if output == "json" else sys.stdout)
+
+
+def main() -> None:
+    """Hydra composes the config exactly as for training; format= and chart= are this command's own."""
+    from finetune.errors import run_cli
+
+    own = {"format": "table", "chart": None}
+    rest = []
+    for arg in sys.argv[1:]:
+        key, sep, value = arg.partition("=")
+        if sep and key in own:
+            own[key] = value
+        else:
+            rest.append(arg)
+    if own["format"] not in ("table", "json"):
+        print(f"finetune: error: format={own['format']} must be table or json.", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *rest]
+    run_cli(lambda cfg: _plan_job(cfg, own["format"], own["chart"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -33,9 +33,14 @@ class ModelConfig:
     arch: dict[str, Any] = field(default_factory=dict)  # config.json numbers, for offline planning
 
 
+# Fields the auto-fit resolver can fill hold "auto" or a concrete value, so they are typed Any here
+# and checked by validate(); every other field is checked by its type during composition.
+AUTO = "auto"
+
+
 @dataclass
 class QuantConfig:
-    load_in: str = "none"  # none | 8bit | 4bit
+    load_in: str = "none"  # auto | none | 8bit | 4bit
     bnb_4bit_quant_type: str = "nf4"
     double_quant: bool = True
 
@@ -43,7 +48,7 @@ class QuantConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = True  # false: full fine-tune
-    r: int = 16
+    r: Any = 16  # int, or auto
     alpha: int = 32
     dropout: float = 0.05
     target_modules: Optional[list[str]] = None  # None: the model's lora_target_modules
@@ -52,14 +57,14 @@ class LoraConfig:
 
 @dataclass
 class BatchConfig:
-    size: int = 8  # micro-batch per device
-    grad_accum: int = 1
-    effective: Optional[int] = None  # global batch; when set, grad_accum is derived from it
+    size: Any = 8  # micro-batch per device: int, or auto
+    grad_accum: Any = 1  # int, or auto (derived from effective)
+    effective: Optional[int] = None  # global batch, kept fixed when size or grad_accum is auto
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # or auto
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -72,7 +77,8 @@ class OptimConfig:
 
 @dataclass
 class HardwareConfig:
-    name: str = "cpu"
+    name: str = "cpu"  # a preset name, or auto: detect the GPUs torch sees
+    match: Optional[str] = None  # part of the driver's device name, to recognise the preset when detected
     num_gpus: int = 0
     gpu_memory_gb: float = 0.0
     compute_capability: Optional[float] = None
@@ -94,7 +100,7 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = -1
     epochs: float = 1.0
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Any = True  # true | false | auto
     logging_steps: int = 5
     eval_samples: int = 30
 
@@ -130,7 +136,7 @@ Plugins.instance().register(_PackagedConfigs)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
-QUANT = ("none", "8bit", "4bit")
+QUANT = ("auto", "none", "8bit", "4bit")
 QUANT_4BIT_TYPES = ("nf4", "fp4")
 # Our optimizer names -> transformers' `optim` names.
 OPTIMIZERS = {
@@ -177,6 +183,14 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def _count(errors: list[str], key: str, value: Any, hint: str = "") -> None:
+    """A whole number >= 1, or auto."""
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        errors.append(f"{key}={value} must be a whole number of at least 1, or auto.{hint}")
+
+
 def _one_of(errors: list[str], key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
         errors.append(
@@ -193,34 +207,38 @@ def validate(cfg: Any) -> None:
     _one_of(e, "model.attn_implementation", m.attn_implementation, ATTENTION)
     _one_of(e, "quant.load_in", q.load_in, QUANT)
     _one_of(e, "quant.bnb_4bit_quant_type", q.bnb_4bit_quant_type, QUANT_4BIT_TYPES)
-    _one_of(e, "optim.name", o.name, list(OPTIMIZERS))
+    _one_of(e, "optim.name", o.name, [AUTO, *OPTIMIZERS])
     _one_of(e, "data.name", d.name, DATA_SOURCES)
 
     if lo.enabled:
-        if lo.r < 1:
-            e.append(f"lora.r={lo.r} must be at least 1 (typical: 8-64). For a full fine-tune use lora=none.")
+        _count(e, "lora.r", lo.r, " Typical: 8-64. For a full fine-tune use lora=none.")
         if lo.alpha <= 0:
             e.append(f"lora.alpha={lo.alpha} must be positive (common choice: 2 * lora.r).")
         if not 0 <= lo.dropout < 1:
             e.append(f"lora.dropout={lo.dropout} must be in [0, 1).")
         if lo.target_modules is not None and not lo.target_modules:
             e.append("lora.target_modules is empty: name modules (e.g. [q_proj,v_proj]) or use null.")
-    elif q.load_in != "none":
+    elif q.load_in not in ("none", AUTO):
         e.append(
             f"quant={q.load_in} with a full fine-tune (lora=none): quantized weights cannot be trained. "
             "Use lora=r16 (QLoRA) or quant=none."
         )
 
-    if b.size < 1:
-        e.append(f"batch.size={b.size} must be at least 1.")
-    if b.grad_accum < 1:
-        e.append(f"batch.grad_accum={b.grad_accum} must be at least 1.")
-    if b.effective is not None:
-        per_step = max(b.size, 1) * max(hw.num_gpus, 1)
+    _count(e, "batch.size", b.size)
+    _count(e, "batch.grad_accum", b.grad_accum)
+    if AUTO in (b.size, b.grad_accum) and b.effective is None:
+        e.append("batch.size or batch.grad_accum is auto: set batch.effective=<global batch> (e.g. 16) to keep fixed.")
+    if b.effective is not None and isinstance(b.size, int) and b.size >= 1:
+        per_step = b.size * max(hw.num_gpus, 1)
         if b.effective < 1 or b.effective % per_step:
             e.append(
                 f"batch.effective={b.effective} must be a positive multiple of batch.size x GPUs = {per_step} "
                 f"(e.g. batch.effective={per_step * max(1, round(max(b.effective, 1) / per_step))})."
+            )
+        elif isinstance(b.grad_accum, int) and per_step * b.grad_accum != b.effective:
+            e.append(
+                f"batch.effective={b.effective} disagrees with batch.size x batch.grad_accum x GPUs = "
+                f"{per_step * b.grad_accum}: set batch.grad_accum=auto to derive it, or drop batch.effective."
             )
 
     if o.lr <= 0:
@@ -234,7 +252,7 @@ def validate(cfg: Any) -> None:
             e.append(f"optim={o.name} trains full weights through low-rank gradients: use it with lora=none.")
         if o.galore_rank < 1:
             e.append(f"optim.galore_rank={o.galore_rank} must be at least 1 (typical: 128-1024).")
-        if o.galore_layerwise and b.grad_accum != 1:
+        if o.galore_layerwise and b.grad_accum not in (1, AUTO):
             e.append("optim.galore_layerwise=true updates during backward: it needs batch.grad_accum=1.")
 
     if hw.num_gpus < 0:
@@ -251,6 +269,8 @@ def validate(cfg: Any) -> None:
     if d.num_train < 1:
         e.append(f"data.num_train={d.num_train} must be at least 1.")
 
+    if t.gradient_checkpointing not in (True, False, AUTO):
+        e.append(f"train.gradient_checkpointing={t.gradient_checkpointing} must be true, false or auto.")
     if t.max_steps == 0 or t.max_steps < -1:
         e.append(f"train.max_steps={t.max_steps} must be -1 (use train.epochs) or at least 1.")
     if t.epochs <= 0:
@@ -262,10 +282,3 @@ def validate(cfg: Any) -> None:
 
     if e:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(e))
-
-
-def grad_accum(cfg: Any) -> int:
-    """Gradient accumulation steps: from batch.effective when it is set, else batch.grad_accum."""
-    if cfg.batch.effective is None:
-        return cfg.batch.grad_accum
-    return cfg.batch.effective // (cfg.batch.size * max(cfg.hw.num_gpus, 1))

@@ -76,6 +76,7 @@ def tiny_overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
         "train.max_steps=2",
         "train.eval_samples=4",
         "batch.size=2",
+        "batch.effective=null",
         "data.num_train=16",
         *extra,
     ]

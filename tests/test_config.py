@@ -57,25 +57,29 @@ def test_model_configs_carry_hub_id_and_architecture():
 
 def test_demo_defaults_apply_but_command_line_wins():
     cfg = compose([])
-    assert cfg.train.max_steps == 30 and cfg.optim.lr == 2e-3
+    assert cfg.train.max_steps == 30 and cfg.optim.lr == 2e-3 and cfg.batch.size == 8
     cfg = compose(["train.max_steps=7", "optim.lr=1e-4"])
     assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-4
 
 
 def test_effective_batch_derives_accumulation():
-    cfg = compose(["batch.size=2", "batch.effective=16"])
+    from finetune import autofit
+
+    cfg = compose(["data=file", "data.path=x.jsonl", "hw=cpu", "batch=auto", "batch.size=2", "batch.effective=16"])
     schema.validate(cfg)
-    assert schema.grad_accum(cfg) == 8
+    assert autofit.resolve(cfg).cfg.batch.grad_accum == 8
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
         (["optim.lr=-1"], "optim.lr=-1.0 must be positive"),
-        (["lora.r=0"], "lora.r=0 must be at least 1"),
-        (["batch.size=0"], "batch.size=0 must be at least 1"),
+        (["lora.r=0"], "lora.r=0 must be a whole number of at least 1"),
+        (["batch.size=0"], "batch.size=0 must be a whole number of at least 1"),
         (["quant=4bit", "lora=none"], "quantized weights cannot be trained"),
         (["optim=galore"], "use it with lora=none"),
+        (["batch=8x1", "batch.effective=16"], "disagrees with batch.size x batch.grad_accum"),
+        (["data=file", "data.path=x.jsonl", "batch.effective=null"], "set batch.effective"),
         (["batch.size=3", "batch.effective=16"], "batch.effective=16 must be a positive multiple"),
         (["quant.load_in=4bits"], "Did you mean '4bit'?"),
         (["optim.name=adam"], "Did you mean 'adamw'?"),
@@ -96,10 +100,11 @@ def test_validation_messages(overrides, message):
         (["model=qwen2.5-7"], "model=qwen2.5-7 is not a known option. Did you mean 'qwen2.5-7b'?"),
         (["lora=r12"], "lora=r12 is not a known option"),
         (["optim.lr=fast"], "wrong value for 'optim.lr'"),
-        (["batch.size=1.5"], "wrong value for 'batch.size'"),
+        (["batch.size=1.5"], "batch.size=1.5 must be a whole number"),
+        (["train.gradient_checkpointing=maybe"], "must be true, false or auto"),
         (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
-        (["lora.r=0"], "lora.r=0 must be at least 1"),
-        (["batch.size=0"], "batch.size=0 must be at least 1"),
+        (["lora.r=0"], "lora.r=0 must be a whole number of at least 1"),
+        (["batch.size=0"], "batch.size=0 must be a whole number of at least 1"),
         (["quant=4bit", "lora=none"], "quantized weights cannot be trained"),
         (["lora.r=[1"], "could not parse the command line"),
     ],

@@ -1,0 +1,238 @@
+"""The auto-fit resolver: fill every setting left on `auto` so the run fits the GPU, and say why.
+
+Preference order (documented in the README):
+1. quality first: no quantization, then 8-bit, then 4-bit; AdamW, then 8-bit AdamW, then paged 8-bit
+   AdamW. The first (quantization, optimizer) level where anything fits is taken.
+2. within that level, the fastest (checkpointing, micro-batch) pair that fits, by the speed model
+   below: no checkpointing when the run fits without it, the largest micro-batch that fits.
+3. `batch.effective` never changes: micro-batch x accumulation x GPUs stays equal to it.
+Nothing the user pinned is ever changed: only fields whose value is `auto` are filled.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from finetune import UserError, hardware, memory, plan
+from finetune.schema import AUTO
+
+SAFETY_MARGIN = 0.10
+"""Plan to 90% of the GPU's memory: the estimate is a model, long batches vary, other processes live."""
+
+QUANT_ORDER = ("none", "8bit", "4bit")
+OPTIM_ORDER = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+BATCH_SIZES = (32, 16, 8, 4, 2, 1)
+LORA_RANK = 16  # the seed guide's "better" rank: r barely moves memory (adapters are <1% of a 7B)
+
+PEAK_UTILISATION = 0.40
+"""Share of the GPU's dense 16-bit FLOP/s a Hugging Face training step reaches with a large
+micro-batch (model FLOPs utilisation; 35-45% is typical for 7B-class LoRA/full runs with SDPA)."""
+SATURATION_TOKENS = 512
+"""Tokens per micro-batch at which utilisation reaches half its peak: small micro-batches leave
+the tensor cores idle between kernel launches."""
+QUANT_TIME = {"none": 1.0, "8bit": 1 / 0.8, "4bit": 1 / 0.6}
+"""Dequantization cost: the memory guide's speed column (8-bit 0.8x, 4-bit 0.6x of fp16)."""
+
+
+@dataclass
+class Plan:
+    cfg: Any  # the resolved config: no `auto` left
+    decisions: list[tuple[str, str, str]]  # (setting, value, why)
+    estimate: memory.Estimate
+    budget_gib: float
+    fits: bool
+    params: int
+    tokens_per_second: float | None  # None where the hardware's FLOP/s are unknown (CPU)
+
+
+def budget_gib(hw: Any) -> float:
+    """Memory the plan may use on one device: the GPU's, or the machine's free RAM on a CPU."""
+    if hw.num_gpus > 0:
+        return hw.gpu_memory_gb * (1 - SAFETY_MARGIN)
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30 * (1 - SAFETY_MARGIN)
+
+
+def settings(cfg: Any, **pick: Any) -> memory.Settings:
+    """The estimator's view of a config, with the candidate values in `pick`."""
+    lo, q = cfg.lora, cfg.quant
+    targets = lo.target_modules if lo.target_modules is not None else cfg.model.lora_target_modules
+    return memory.Settings(
+        quant=pick["quant"],
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        double_quant=q.double_quant,
+        lora_r=pick["r"] if lo.enabled else None,
+        lora_targets=tuple(targets),
+        use_dora=lo.use_dora,
+        lora_dropout=lo.dropout,
+        optim=pick["optim"],
+        galore_rank=cfg.optim.galore_rank,
+        galore_retain_grad=not cfg.optim.galore_layerwise,
+        batch_size=pick["size"],
+        seq_len=cfg.data.max_length,
+        grad_accum=pick["accum"],
+        grad_ckpt=pick["ckpt"],
+        attn=cfg.model.attn_implementation,
+        dtype=plan.precision(cfg).weights,
+    )
+
+
+def tokens_per_second(arch: dict, s: memory.Settings, hw: Any, relative: bool = False) -> float | None:
+    """Training throughput from FLOPs per token and the GPU's rate (see the constants above).
+
+    Forward: 2 FLOPs per active weight per token, plus causal attention. Backward: twice the forward
+    for a full fine-tune; once for LoRA (input gradients only: frozen weights get none). Gradient
+    checkpointing recomputes the forward. `relative=True` ranks settings when FLOP/s are unknown.
+    """
+    if hw.tflops <= 0 and not relative:
+        return None
+    counts = memory.count_params(arch)
+    text = arch.get("text_config", arch)
+    experts = text.get("num_local_experts") or text.get("num_experts") or 0
+    idle_experts = counts.experts * (1 - text.get("num_experts_per_tok", 0) / experts) if experts else 0
+    active = counts.total - counts.embeddings - counts.vision - idle_experts
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    attention = 2 * text["num_hidden_layers"] * s.seq_len * heads * head_dim  # QK^T and AV, causal half
+    forward = 2 * active + attention
+    backward = forward if s.lora_r is not None else 2 * forward
+    flops = (forward + backward + (forward if s.grad_ckpt else 0)) * QUANT_TIME[s.quant]
+    tokens = s.batch_size * s.seq_len
+    utilisation = PEAK_UTILISATION * tokens / (tokens + SATURATION_TOKENS)
+    rate = (hw.tflops if hw.tflops > 0 else 1.0) * 1e12
+    return rate * utilisation / flops * max(hw.num_gpus, 1)
+
+
+def _pinned(value: Any) -> bool:
+    return value != AUTO
+
+
+def _search(cfg: Any, arch: dict, budget: float):
+    """(pick, estimate, fits): the preferred candidate that fits, or the smallest one if none does."""
+    b, gpus = cfg.batch, max(cfg.hw.num_gpus, 1)
+    quants = [cfg.quant.load_in] if _pinned(cfg.quant.load_in) else (QUANT_ORDER if cfg.lora.enabled else ("none",))
+    optims = [cfg.optim.name] if _pinned(cfg.optim.name) else OPTIM_ORDER
+    ckpts = [cfg.train.gradient_checkpointing] if _pinned(cfg.train.gradient_checkpointing) else (False, True)
+    if _pinned(b.size):
+        sizes = [b.size]
+    else:
+        sizes = [n for n in BATCH_SIZES if b.effective % (n * gpus) == 0] or [1]
+        if _pinned(b.grad_accum):
+            sizes = [n for n in sizes if n * b.grad_accum * gpus == b.effective] or sizes[-1:]
+    rank = cfg.lora.r if _pinned(cfg.lora.r) else LORA_RANK
+    smallest = None
+    for quant in quants:
+        for optim in optims:
+            fitting = []
+            for ckpt in ckpts:
+                for size in sizes:
+                    # validate() guarantees: no effective batch means both are pinned
+                    accum = b.grad_accum if b.effective is None else b.effective // (size * gpus)
+                    pick = {"quant": quant, "optim": optim, "ckpt": ckpt, "size": size, "accum": accum, "r": rank}
+                    s = settings(cfg, **pick)
+                    est = memory.estimate(arch, s)
+                    if est.total_gib <= budget:
+                        fitting.append((tokens_per_second(arch, s, cfg.hw, relative=True), pick, est))
+                    if smallest is None or est.total_gib < smallest[1].total_gib:
+                        smallest = (pick, est)
+            if fitting:
+                _, pick, est = max(fitting, key=lambda f: f[0])
+                return pick, est, True
+    return smallest[0], smallest[1], False
+
+
+def _resolve_hw(cfg: Any) -> str:
+    if cfg.hw.name != AUTO:
+        return f"preset hw={cfg.hw.name}"
+    found = hardware.detect()
+    for key, value in found.items():
+        cfg.hw[key] = value
+    if found["num_gpus"] == 0:
+        return "detected: no GPU, planning for this machine's RAM"
+    return f"detected: {found['num_gpus']} GPU(s), {found['gpu_memory_gb']:g} GiB free each"
+
+
+def resolve(cfg: Any) -> Plan:
+    """A copy of `cfg` with every `auto` filled, the reasons, and the memory estimate."""
+    cfg = copy.deepcopy(cfg)
+    hw_reason = _resolve_hw(cfg)
+    arch = plan.model_arch(cfg.model)
+    budget = budget_gib(cfg.hw)
+    pick, est, fits = _search(cfg, arch, budget)
+    before = {
+        "quant": cfg.quant.load_in,
+        "optim": cfg.optim.name,
+        "ckpt": cfg.train.gradient_checkpointing,
+        "size": cfg.batch.size,
+        "accum": cfg.batch.grad_accum,
+        "r": cfg.lora.r,
+    }
+    cfg.quant.load_in, cfg.optim.name = pick["quant"], pick["optim"]
+    cfg.train.gradient_checkpointing = pick["ckpt"]
+    cfg.batch.size, cfg.batch.grad_accum = pick["size"], pick["accum"]
+    if cfg.lora.enabled:
+        cfg.lora.r = pick["r"]
+    if cfg.batch.effective is None:
+        cfg.batch.effective = pick["size"] * pick["accum"] * max(cfg.hw.num_gpus, 1)
+
+    speed = tokens_per_second(arch, settings(cfg, **pick), cfg.hw)
+    counts = memory.count_params(arch)
+    why = _reasons(before, pick, fits, budget, est)
+    decisions = [("hardware", cfg.hw.name, hw_reason), *why]
+    return Plan(cfg, decisions, est, budget, fits, counts.total, speed)
+
+
+def _reasons(before: dict, pick: dict, fits: bool, budget: float, est: memory.Estimate) -> list[tuple[str, str, str]]:
+    def why(key: str, auto_reason: str) -> str:
+        return auto_reason if before[key] == AUTO else "set by you or a config file: kept as is"
+
+    verdict = "fits" if fits else "nothing fits"
+    rows = [
+        ("quantization", pick["quant"], why("quant", f"auto: least quantization that {verdict} (none, 8bit, 4bit)")),
+        ("optimizer", pick["optim"], why("optim", f"auto: fullest-precision optimizer that {verdict}")),
+        (
+            "gradient checkpointing",
+            "on" if pick["ckpt"] else "off",
+            why("ckpt", "auto: " + ("needed to fit" if pick["ckpt"] else "fits without it, ~30% faster")),
+        ),
+        (
+            "micro-batch",
+            str(pick["size"]),
+            why("size", "auto: the fastest micro-batch that fits, accumulation keeps the effective batch"),
+        ),
+        ("accumulation", str(pick["accum"]), why("accum", "auto: effective batch / (micro-batch x GPUs)")),
+    ]
+    if before["r"] == AUTO:
+        rows.append(("lora rank", str(pick["r"]), "auto: r16, the usual sweet spot; rank barely moves memory"))
+    return rows
+
+
+def smallest_gpu(cfg: Any, arch: dict) -> str | None:
+    """The smallest GPU preset on which this config (its `auto` fields re-resolved) fits."""
+    for preset in hardware.presets():
+        trial = copy.deepcopy(cfg)
+        for key, value in preset.items():
+            trial.hw[key] = value
+        if _search(trial, arch, budget_gib(trial.hw))[2]:
+            return preset["name"]
+    return None
+
+
+def require_fit(p: Plan, original: Any) -> None:
+    """Stop before loading weights when the plan does not fit, with the numbers and the way out."""
+    if p.fits:
+        return
+    arch = plan.model_arch(original.model)
+    gpu = smallest_gpu(original, arch)
+    where = f"the smallest preset GPU that fits is hw={gpu}" if gpu else (
+        "no single preset GPU fits: it needs sharding across GPUs (not supported yet) or a smaller model"
+    )
+    raise UserError(
+        f"this run needs about {p.estimate.total_gib:.1f} GiB per device but {p.cfg.hw.name} allows "
+        f"{p.budget_gib:.1f} GiB ({1 - SAFETY_MARGIN:.0%} of its memory). {where}. Or lower the memory: "
+        "quant=4bit, lora=r8, batch.size=1, train.gradient_checkpointing=true, a smaller data.max_length "
+        "(leave them on auto to let finetune choose). See the breakdown above."
+    )
