@@ -149,6 +149,7 @@ def _train(cfg: Any) -> Result:
         train_dataset=train_set,
         processing_class=tokenizer,
         peft_config=models.peft_config(cfg),
+        callbacks=[_gpu_memory_log()] if torch.cuda.is_available() else None,
     )
     start = time.perf_counter()
     trainer.train()
@@ -160,6 +161,22 @@ def _train(cfg: Any) -> Result:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _report(summary, samples, run_dir)
     return Result(run_dir, trainer.model, summary)
+
+
+def _gpu_memory_log():
+    from transformers import TrainerCallback
+
+    class GpuMemoryLog(TrainerCallback):
+        """Adds GPU memory (allocated and reserved by torch, GiB) to every logged step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            import torch
+
+            if logs is not None:
+                logs["gpu_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+                logs["gpu_reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+
+    return GpuMemoryLog()
 
 
 def _save(trainer, tokenizer, target: Path) -> None:
