@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -76,27 +77,60 @@ def _missing_weights(name: str, err: Exception) -> UserError:
     )
 
 
-def load_tokenizer(path: str, model_cfg: Any):
-    from transformers import AutoTokenizer
+@functools.lru_cache(maxsize=4)
+def _hf_config(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _missing_weights(path, err) from err
+
+
+def is_vision_language(path: str, model_cfg: Any) -> bool:
+    return hasattr(_hf_config(path, model_cfg.trust_remote_code), "vision_config")
+
+
+def load_processor(path: str, model_cfg: Any):
+    """The tokenizer; for a vision-language model its processor (image processor + tokenizer)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    auto = AutoProcessor if is_vision_language(path, model_cfg) else AutoTokenizer
+    try:
+        processor = auto.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise _missing_weights(path, err) from err
+    tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
+    if processor.chat_template is None:
         raise UserError(
             f"the tokenizer of '{path}' has no chat template; use an instruct/chat model or one that ships a template."
         )
-    return tokenizer
+    return processor
+
+
+def _prequantized(path: str, cfg: Any):
+    """Checkpoints shipped quantized (gpt-oss: MXFP4 experts) are dequantized for training."""
+    from transformers import Mxfp4Config
+
+    config = _hf_config(path, cfg.model.trust_remote_code)
+    method = (getattr(config, "quantization_config", None) or {}).get("quant_method")
+    if method != "mxfp4":
+        return None
+    if cfg.quant.load_in != "none":
+        raise UserError(
+            f"'{path}' ships MXFP4 expert weights, which bitsandbytes cannot quantize again. Use quant=none "
+            "(experts dequantized to bf16), or a bf16 copy of the model: model.name_or_path=<bf16 repo or folder>."
+        )
+    return Mxfp4Config(dequantize=True)  # MXFP4 kernels are inference-only: train in bf16
 
 
 def load_model(path: str, cfg: Any, dtype):
     """The base model in `dtype`, quantized by bitsandbytes when quant.load_in asks for it."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
-    quantization = None
+    quantization = _prequantized(path, cfg)
     if cfg.quant.load_in == "4bit":
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -107,7 +141,8 @@ def load_model(path: str, cfg: Any, dtype):
     elif cfg.quant.load_in == "8bit":
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        auto = AutoModelForImageTextToText if is_vision_language(path, cfg.model) else AutoModelForCausalLM
+        model = auto.from_pretrained(
             path,
             dtype=dtype,
             attn_implementation=cfg.model.attn_implementation,
@@ -116,6 +151,13 @@ def load_model(path: str, cfg: Any, dtype):
         )
     except OSError as err:
         raise _missing_weights(path, err) from err
+    except ValueError as err:
+        if "attention implementation" not in str(err):
+            raise
+        raise UserError(
+            f"model.attn_implementation={cfg.model.attn_implementation} is not supported by this model: "
+            "use model.attn_implementation=eager."
+        ) from err
     if cfg.quant.load_in == "4bit" and cfg.hw.num_gpus == 0:
         # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPU inference on the first eval-mode
         # forward and keeps them so; training after that (we score before training) then fails.

@@ -111,6 +111,9 @@ def _sft_config(cfg: Any, run_dir: Path, prec: plan.Precision):
         dataloader_pin_memory=cfg.hw.num_gpus > 0,
         max_length=cfg.data.max_length,
         logging_steps=cfg.train.logging_steps,
+        # MoE load-balancing loss off: routers stay frozen under LoRA, and transformers 5.23's GPT-OSS
+        # balancing loss fails on padded batches (shape mismatch in load_balancing_loss_func).
+        router_aux_loss_coef=0.0,
         save_strategy="no",  # the final weights are saved below, atomically
         report_to="none",
         seed=cfg.seed,
@@ -132,7 +135,8 @@ def _train(cfg: Any) -> Result:
     set_seed(cfg.seed)
     prec = plan.precision(cfg)
     path = models.weights_path(cfg.model)
-    tokenizer = models.load_tokenizer(path, cfg.model)
+    processor = models.load_processor(path, cfg.model)  # the tokenizer, or a VLM's processor
+    tokenizer = getattr(processor, "tokenizer", processor)
     train_set, eval_set = data.load(cfg.data, cfg.train.eval_samples, cfg.seed)
     model = models.load_model(path, cfg, getattr(torch, prec.weights))
     pairs = data.scoring_pairs(eval_set, cfg.train.eval_samples)
@@ -147,17 +151,17 @@ def _train(cfg: Any) -> Result:
         model=model,
         args=_sft_config(cfg, run_dir, prec),
         train_dataset=train_set,
-        processing_class=tokenizer,
+        processing_class=processor,
         peft_config=models.peft_config(cfg),
         callbacks=[_gpu_memory_log()] if torch.cuda.is_available() else None,
     )
     start = time.perf_counter()
-    trainer.train()
+    mean_loss = trainer.train().training_loss
     wall = time.perf_counter() - start
 
     after, samples = evaluate.exact_match(trainer.model, tokenizer, pairs)
-    _save(trainer, tokenizer, run_dir / ("adapter" if cfg.lora.enabled else "model"))
-    summary = _summary(trainer, wall, before, after, samples)
+    _save(trainer, processor, run_dir / ("adapter" if cfg.lora.enabled else "model"))
+    summary = _summary(trainer, wall, mean_loss, before, after, samples)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _report(summary, samples, run_dir)
     return Result(run_dir, trainer.model, summary)
@@ -179,12 +183,12 @@ def _gpu_memory_log():
     return GpuMemoryLog()
 
 
-def _save(trainer, tokenizer, target: Path) -> None:
+def _save(trainer, processor, target: Path) -> None:
     """Write the weights aside and rename: a crash mid-save never leaves a half-written model."""
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))
-    tokenizer.save_pretrained(str(partial))
+    processor.save_pretrained(str(partial))
     partial.rename(target)
 
 
@@ -200,13 +204,14 @@ def _peak_memory_gib() -> dict:
     return peak
 
 
-def _summary(trainer, wall: float, before, after, samples) -> dict:
+def _summary(trainer, wall: float, mean_loss: float, before, after, samples) -> dict:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     tokens = max((h.get("num_tokens", 0) for h in history), default=0)
     return {
         "steps": trainer.state.global_step,
-        "final_loss": losses[-1] if losses else None,
+        "final_loss": losses[-1] if losses else mean_loss,  # the last logged loss
+        "mean_loss": mean_loss,
         "train_tokens": int(tokens),
         "tokens_per_second": round(tokens / wall, 1) if wall else None,
         "wall_seconds": round(wall, 1),

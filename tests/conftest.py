@@ -21,7 +21,7 @@ CHATML = (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build_tiny_model(folder: Path, arch: str = "qwen2") -> Path:
+def build_tiny_model(folder: Path, arch: str = "qwen2", **arch_kwargs) -> Path:
     """A 2-layer chat model with a byte-level BPE tokenizer trained on the demo task, saved to `folder`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,6 +54,7 @@ def build_tiny_model(folder: Path, arch: str = "qwen2") -> Path:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=False,
+        **arch_kwargs,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)

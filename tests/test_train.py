@@ -121,3 +121,22 @@ def test_missing_gpu_or_weights_says_what_to_do(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "dry_run=true" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mixture_of_experts_trains_attention_lora_with_frozen_experts(tmp_path):
+    from conftest import build_tiny_model
+
+    moe = build_tiny_model(tmp_path / "tiny-gpt-oss", arch="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
+                           head_dim=16)
+    cfg = compose(
+        tiny_overrides(moe, tmp_path / "runs", "model=gpt-oss-20b", "model.name=test-moe", f"model.name_or_path={moe}",
+                       "model.gguf_file=null")
+    )
+    assert cfg.model.attn_implementation == "eager"  # gpt-oss attention sinks have no SDPA kernel
+    result = pipeline.run(cfg)
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable and all("self_attn" in n and "lora_" in n for n in trainable)
+    experts = {n: p for n, p in result.model.named_parameters() if "experts" in n or "router" in n}
+    original = _original_weights(moe)
+    assert experts and all(torch.equal(p.detach(), original[_base_name(n)]) for n, p in experts.items())
+    assert any(p.abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)
