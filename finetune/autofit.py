@@ -230,9 +230,10 @@ def require_fit(p: Plan, original: Any) -> None:
     where = f"the smallest preset GPU that fits is hw={gpu}" if gpu else (
         "no single preset GPU fits: it needs sharding across GPUs (not supported yet) or a smaller model"
     )
+    levers = "quant=4bit, " if original.lora.enabled else "LoRA instead of a full fine-tune (lora=r16 quant=4bit), "
     raise UserError(
         f"this run needs about {p.estimate.total_gib:.1f} GiB per device but {p.cfg.hw.name} allows "
         f"{p.budget_gib:.1f} GiB ({1 - SAFETY_MARGIN:.0%} of its memory). {where}. Or lower the memory: "
-        "quant=4bit, lora=r8, batch.size=1, train.gradient_checkpointing=true, a smaller data.max_length "
+        f"{levers}batch.size=1, train.gradient_checkpointing=true, a smaller data.max_length "
         "(leave them on auto to let finetune choose). See the breakdown above."
     )
