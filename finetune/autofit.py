@@ -113,7 +113,11 @@ def _pinned(value: Any) -> bool:
 def _search(cfg: Any, arch: dict, budget: float):
     """(pick, estimate, fits): the preferred candidate that fits, or the smallest one if none does."""
     b, gpus = cfg.batch, max(cfg.hw.num_gpus, 1)
-    quants = [cfg.quant.load_in] if _pinned(cfg.quant.load_in) else (QUANT_ORDER if cfg.lora.enabled else ("none",))
+    quants = (
+        [cfg.quant.load_in]
+        if _pinned(cfg.quant.load_in)
+        else (QUANT_ORDER if cfg.lora.enabled else ("none",))
+    )
     optims = [cfg.optim.name] if _pinned(cfg.optim.name) else OPTIM_ORDER
     ckpts = [cfg.train.gradient_checkpointing] if _pinned(cfg.train.gradient_checkpointing) else (False, True)
     if _pinned(b.size):
@@ -131,7 +135,14 @@ def _search(cfg: Any, arch: dict, budget: float):
                 for size in sizes:
                     # validate() guarantees: no effective batch means both are pinned
                     accum = b.grad_accum if b.effective is None else b.effective // (size * gpus)
-                    pick = {"quant": quant, "optim": optim, "ckpt": ckpt, "size": size, "accum": accum, "r": rank}
+                    pick = {
+                        "quant": quant,
+                        "optim": optim,
+                        "ckpt": ckpt,
+                        "size": size,
+                        "accum": accum,
+                        "r": rank,
+                    }
                     s = settings(cfg, **pick)
                     est = memory.estimate(arch, s)
                     if est.total_gib <= budget:
@@ -185,13 +196,19 @@ def resolve(cfg: Any) -> Plan:
     return Plan(cfg, decisions, est, budget, fits, counts.total, speed)
 
 
-def _reasons(before: dict, pick: dict, fits: bool, budget: float, est: memory.Estimate) -> list[tuple[str, str, str]]:
+def _reasons(
+    before: dict, pick: dict, fits: bool, budget: float, est: memory.Estimate
+) -> list[tuple[str, str, str]]:
     def why(key: str, auto_reason: str) -> str:
         return auto_reason if before[key] == AUTO else "set by you or a config file: kept as is"
 
     verdict = "fits" if fits else "nothing fits"
     rows = [
-        ("quantization", pick["quant"], why("quant", f"auto: least quantization that {verdict} (none, 8bit, 4bit)")),
+        (
+            "quantization",
+            pick["quant"],
+            why("quant", f"auto: least quantization that {verdict} (none, 8bit, 4bit)"),
+        ),
         ("optimizer", pick["optim"], why("optim", f"auto: fullest-precision optimizer that {verdict}")),
         (
             "gradient checkpointing",
@@ -206,7 +223,9 @@ def _reasons(before: dict, pick: dict, fits: bool, budget: float, est: memory.Es
         ("accumulation", str(pick["accum"]), why("accum", "auto: effective batch / (micro-batch x GPUs)")),
     ]
     if before["r"] == AUTO:
-        rows.append(("lora rank", str(pick["r"]), "auto: r16, the usual sweet spot; rank barely moves memory"))
+        rows.append(
+            ("lora rank", str(pick["r"]), "auto: r16, the usual sweet spot; rank barely moves memory")
+        )
     return rows
 
 
@@ -227,10 +246,18 @@ def require_fit(p: Plan, original: Any) -> None:
         return
     arch = plan.model_arch(original.model)
     gpu = smallest_gpu(original, arch)
-    where = f"the smallest preset GPU that fits is hw={gpu}" if gpu else (
-        "no single preset GPU fits: it needs sharding across GPUs (not supported yet) or a smaller model"
+    where = (
+        f"the smallest preset GPU that fits is hw={gpu}"
+        if gpu
+        else (
+            "no single preset GPU fits: it needs sharding across GPUs (not supported yet) or a smaller model"
+        )
     )
-    levers = "quant=4bit, " if original.lora.enabled else "LoRA instead of a full fine-tune (lora=r16 quant=4bit), "
+    levers = (
+        "quant=4bit, "
+        if original.lora.enabled
+        else "LoRA instead of a full fine-tune (lora=r16 quant=4bit), "
+    )
     raise UserError(
         f"this run needs about {p.estimate.total_gib:.1f} GiB per device but {p.cfg.hw.name} allows "
         f"{p.budget_gib:.1f} GiB ({1 - SAFETY_MARGIN:.0%} of its memory). {where}. Or lower the memory: "

@@ -32,8 +32,14 @@ def galore_table(galore_rank: int = 128) -> dict[str, dict[str, float]]:
             label: memory.estimate(
                 arch,
                 memory.Settings(
-                    lora_r=None, optim=optim, galore_rank=galore_rank, galore_retain_grad=keeps_grad,
-                    batch_size=1, seq_len=256, grad_ckpt=False, dtype="bfloat16",
+                    lora_r=None,
+                    optim=optim,
+                    galore_rank=galore_rank,
+                    galore_retain_grad=keeps_grad,
+                    batch_size=1,
+                    seq_len=256,
+                    grad_ckpt=False,
+                    dtype="bfloat16",
                 ),
             ).total_gib
             for label, (optim, keeps_grad) in METHODS.items()
@@ -54,12 +60,26 @@ def galore_chart(path: str, hw: Any) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, label in enumerate(METHODS):
         xs = [x + (i - 2) * width for x in range(len(SIZES))]
-        ax.bar(xs, [table[s][label] for s in SIZES], width, label=label, color=colours[i], hatch=hatches[i],
-               edgecolor="black", linewidth=0.5)
+        ax.bar(
+            xs,
+            [table[s][label] for s in SIZES],
+            width,
+            label=label,
+            color=colours[i],
+            hatch=hatches[i],
+            edgecolor="black",
+            linewidth=0.5,
+        )
     if hw.num_gpus > 0:
         ax.axhline(hw.gpu_memory_gb, color="red", linestyle="--", linewidth=1.5)
-        ax.text(-0.45, hw.gpu_memory_gb, f"{hw.name} ({hw.gpu_memory_gb:g} GiB)", color="red", va="bottom",
-                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        ax.text(
+            -0.45,
+            hw.gpu_memory_gb,
+            f"{hw.name} ({hw.gpu_memory_gb:g} GiB)",
+            color="red",
+            va="bottom",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+        )
     ax.set_xticks(range(len(SIZES)), [s.removeprefix("llama-").upper() for s in SIZES])
     ax.set_xlabel("Model size (LLaMA, GaLore configs)")
     ax.set_ylabel("Memory (GiB), estimated by finetune")

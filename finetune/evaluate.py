@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
     import torch
 
     was_training = model.training

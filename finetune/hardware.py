@@ -29,8 +29,15 @@ def _no_nvidia_driver() -> bool:
 
 def detect() -> dict[str, Any]:
     """The hw fields for this machine: GPU count, free memory of the fullest GPU, capabilities."""
-    cpu = {"name": "cpu", "num_gpus": 0, "gpu_memory_gb": 0.0, "compute_capability": None, "bf16": False,
-           "flash_attention": False, "tflops": 0.0}
+    cpu = {
+        "name": "cpu",
+        "num_gpus": 0,
+        "gpu_memory_gb": 0.0,
+        "compute_capability": None,
+        "bf16": False,
+        "flash_attention": False,
+        "tflops": 0.0,
+    }
     if _no_nvidia_driver():
         return cpu
     import torch

@@ -173,7 +173,9 @@ def peft_config(cfg: Any):
         return None
     from peft import LoraConfig
 
-    targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_target_modules
+    targets = (
+        cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_target_modules
+    )
     targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else list(targets)
     return LoraConfig(
         r=cfg.lora.r,

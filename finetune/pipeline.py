@@ -53,7 +53,9 @@ def _check_runtime(cfg: Any) -> None:
             "Add dry_run=true to see the plan only, or hw=cpu to train on the CPU (small models only)."
         )
     if cfg.optim.name == "galore_8bit" and not torch.cuda.is_available():
-        raise UserError("optim=galore_8bit needs a CUDA GPU (bitsandbytes 8-bit GaLore); on CPU use optim=galore.")
+        raise UserError(
+            "optim=galore_8bit needs a CUDA GPU (bitsandbytes 8-bit GaLore); on CPU use optim=galore."
+        )
     if cfg.hw.num_gpus > torch.cuda.device_count() > 0:
         raise UserError(
             f"hw.num_gpus={cfg.hw.num_gpus} but torch sees {torch.cuda.device_count()} GPU(s); "
@@ -100,7 +102,9 @@ def _sft_config(cfg: Any, run_dir: Path, prec: plan.Precision):
         optim=optim,
         optim_target_modules=[r".*.attn.*", r".*.mlp.*"] if galore else None,
         optim_args=(
-            f"rank={o.galore_rank},update_proj_gap={o.galore_update_proj_gap},scale={o.galore_scale}" if galore else None
+            f"rank={o.galore_rank},update_proj_gap={o.galore_update_proj_gap},scale={o.galore_scale}"
+            if galore
+            else None
         ),
         max_steps=cfg.train.max_steps,
         num_train_epochs=cfg.train.epochs,
@@ -229,7 +233,9 @@ def _report(summary: dict, samples: list[dict], run_dir: Path) -> None:
     console = Console()
     for s in samples[:5]:
         mark = "[green]ok[/]" if s["correct"] else "[red]x[/]"
-        console.print(f"  {mark} {s['prompt']!r} -> {s['answer']!r} (expected {s['reference']!r})", soft_wrap=True)
+        console.print(
+            f"  {mark} {s['prompt']!r} -> {s['answer']!r} (expected {s['reference']!r})", soft_wrap=True
+        )
     if summary["accuracy_after"] is not None:
         console.print(
             f"held-out exact match: {summary['accuracy_before']:.0%} before -> {summary['accuracy_after']:.0%} after"

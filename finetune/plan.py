@@ -31,7 +31,9 @@ def precision(cfg: Any) -> Precision:
     hw, wanted = cfg.hw, cfg.model.dtype
     if hw.num_gpus == 0:
         if wanted not in ("auto", "float32"):
-            warnings.warn(f"model.dtype={wanted} is ignored on the CPU: training runs in float32.", stacklevel=2)
+            warnings.warn(
+                f"model.dtype={wanted} is ignored on the CPU: training runs in float32.", stacklevel=2
+            )
         return Precision("float32", "no", "CPU: float32 (half precision is slow and unstable there)")
     if wanted == "bfloat16" and not hw.bf16:
         warnings.warn(
@@ -47,14 +49,20 @@ def precision(cfg: Any) -> Precision:
         # Trained float16 weights underflow; keep float32 masters and autocast to fp16.
         return Precision("float32", "fp16", f"{hw.name}: fp16 autocast over float32 weights (full fine-tune)")
     mixed = "bf16" if wanted == "bfloat16" else "fp16"
-    return Precision(wanted, mixed, f"{hw.name}: {'bfloat16' if mixed == 'bf16' else 'float16 + loss scaling'}")
+    return Precision(
+        wanted, mixed, f"{hw.name}: {'bfloat16' if mixed == 'bf16' else 'float16 + loss scaling'}"
+    )
 
 
 def model_arch(model_cfg: Any) -> dict:
     """The architecture to plan for: a local folder's config.json, else the model config's numbers."""
     if (Path(model_cfg.name_or_path).expanduser() / "config.json").is_file():
         return memory.load_arch(model_cfg.name_or_path)
-    return OmegaConf.to_container(model_cfg.arch) if OmegaConf.is_config(model_cfg.arch) else dict(model_cfg.arch)
+    return (
+        OmegaConf.to_container(model_cfg.arch)
+        if OmegaConf.is_config(model_cfg.arch)
+        else dict(model_cfg.arch)
+    )
 
 
 def seconds_per_100_steps(p: Any) -> float | None:
@@ -79,7 +87,11 @@ def rows(p: Any) -> list[tuple[str, str, str]]:
         out.append(("adapters", "none", "full fine-tune: every weight is trained"))
     out += p.decisions[1:]
     out += [
-        ("effective batch", str(c.batch.effective), f"{c.batch.size} x {c.batch.grad_accum} x {max(c.hw.num_gpus, 1)} GPU(s)"),
+        (
+            "effective batch",
+            str(c.batch.effective),
+            f"{c.batch.size} x {c.batch.grad_accum} x {max(c.hw.num_gpus, 1)} GPU(s)",
+        ),
         ("learning rate", f"{o.lr:g}", f"{o.lr_scheduler}, warmup {o.warmup_ratio:g}"),
         ("data", d.name if d.name == "demo" else str(d.path), f"max_length={d.max_length}"),
         ("length", f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs", ""),
@@ -127,7 +139,9 @@ def _table(title: str, header: tuple[str, ...], body: list[tuple[str, ...]]):
 
 def show(p: Any) -> None:
     c = p.cfg
-    _console().print(_table(f"finetune plan: {c.model.name} on {c.hw.name}", ("setting", "value", "why"), rows(p)))
+    _console().print(
+        _table(f"finetune plan: {c.model.name} on {c.hw.name}", ("setting", "value", "why"), rows(p))
+    )
 
 
 def methods(cfg: Any) -> dict:
@@ -148,14 +162,25 @@ def methods(cfg: Any) -> dict:
         return fit or "none (shard across GPUs)"
 
     training = {}
-    for label, c, quant in (("full", full, "none"), ("lora", lora, "none"), ("lora_4bit", lora, "4bit"), ("lora_8bit", lora, "8bit")):
+    for label, c, quant in (
+        ("full", full, "none"),
+        ("lora", lora, "none"),
+        ("lora_4bit", lora, "4bit"),
+        ("lora_8bit", lora, "8bit"),
+    ):
         gib = memory.estimate(arch, autofit.settings(c, quant=quant, **base)).total_gib
         training[label] = {"gib": round(gib, 2), "smallest_gpu": smallest(gib)}
     text = arch.get("text_config", arch)
     heads = text["num_attention_heads"]
-    kv_cache = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * (
-        text.get("head_dim") or text["hidden_size"] // heads
-    ) * 2048 * 2 / 2**30
+    kv_cache = (
+        2
+        * text["num_hidden_layers"]
+        * text.get("num_key_value_heads", heads)
+        * (text.get("head_dim") or text["hidden_size"] // heads)
+        * 2048
+        * 2
+        / 2**30
+    )
     inference = {}
     for label, quant in (("16bit", "none"), ("8bit", "8bit"), ("4bit", "4bit")):
         weights = memory.estimate(arch, autofit.settings(lora, quant=quant, **base)).weights_gib
@@ -165,7 +190,9 @@ def methods(cfg: Any) -> dict:
 
 def show_methods(cfg: Any, table: dict) -> None:
     t, i = table["training"], table["inference"]
-    train_row = tuple(f"{t[k]['gib']:.1f} GiB ({t[k]['smallest_gpu']})" for k in ("full", "lora", "lora_4bit", "lora_8bit"))
+    train_row = tuple(
+        f"{t[k]['gib']:.1f} GiB ({t[k]['smallest_gpu']})" for k in ("full", "lora", "lora_4bit", "lora_8bit")
+    )
     console = _console()
     console.print(
         _table(
@@ -188,7 +215,9 @@ def as_json(p: Any, table: dict) -> dict:
     """The object `format=json` prints (its keys are a public contract: see the README)."""
     c = p.cfg
     resolved = OmegaConf.to_container(c, resolve=True)
-    settings = {group: resolved[group] for group in ("quant", "lora", "batch", "optim", "hw", "data", "train")}
+    settings = {
+        group: resolved[group] for group in ("quant", "lora", "batch", "optim", "hw", "data", "train")
+    }
     settings["model"] = {k: v for k, v in resolved["model"].items() if k != "arch"}
     settings["precision"] = precision(c).weights
     return {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
@@ -25,7 +25,7 @@ from finetune import UserError, config_dir
 class ModelConfig:
     name: str = MISSING  # short name, used for run folders
     name_or_path: str = MISSING  # hub id or local folder (a folder with only config.json plans)
-    gguf_file: Optional[str] = None  # "<pip distribution>:<path inside it>" of a GGUF checkpoint
+    gguf_file: str | None = None  # "<pip distribution>:<path inside it>" of a GGUF checkpoint
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
@@ -51,7 +51,7 @@ class LoraConfig:
     r: Any = 16  # int, or auto
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: Optional[list[str]] = None  # None: the model's lora_target_modules
+    target_modules: list[str] | None = None  # None: the model's lora_target_modules
     use_dora: bool = False
 
 
@@ -59,7 +59,7 @@ class LoraConfig:
 class BatchConfig:
     size: Any = 8  # micro-batch per device: int, or auto
     grad_accum: Any = 1  # int, or auto (derived from effective)
-    effective: Optional[int] = None  # global batch, kept fixed when size or grad_accum is auto
+    effective: int | None = None  # global batch, kept fixed when size or grad_accum is auto
 
 
 @dataclass
@@ -78,10 +78,10 @@ class OptimConfig:
 @dataclass
 class HardwareConfig:
     name: str = "cpu"  # a preset name, or auto: detect the GPUs torch sees
-    match: Optional[str] = None  # part of the driver's device name, to recognise the preset when detected
+    match: str | None = None  # part of the driver's device name, to recognise the preset when detected
     num_gpus: int = 0
     gpu_memory_gb: float = 0.0
-    compute_capability: Optional[float] = None
+    compute_capability: float | None = None
     bf16: bool = False
     flash_attention: bool = False
     tflops: float = 0.0
@@ -90,7 +90,7 @@ class HardwareConfig:
 @dataclass
 class DataConfig:
     name: str = "demo"  # demo | file
-    path: Optional[str] = None
+    path: str | None = None
     num_train: int = 400  # demo only: generated training examples
     eval_fraction: float = 0.05  # file only: share held out for scoring
     max_length: int = 1024
@@ -117,7 +117,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 42
     output_dir: str = "runs"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     dry_run: bool = False
 
 
@@ -201,7 +201,16 @@ def _one_of(errors: list[str], key: str, value: str, allowed: tuple[str, ...] | 
 def validate(cfg: Any) -> None:
     """Check ranges and combinations; raise one UserError listing every problem found."""
     e: list[str] = []
-    m, q, lo, b, o, hw, d, t = cfg.model, cfg.quant, cfg.lora, cfg.batch, cfg.optim, cfg.hw, cfg.data, cfg.train
+    m, q, lo, b, o, hw, d, t = (
+        cfg.model,
+        cfg.quant,
+        cfg.lora,
+        cfg.batch,
+        cfg.optim,
+        cfg.hw,
+        cfg.data,
+        cfg.train,
+    )
 
     _one_of(e, "model.dtype", m.dtype, DTYPES)
     _one_of(e, "model.attn_implementation", m.attn_implementation, ATTENTION)
@@ -227,7 +236,9 @@ def validate(cfg: Any) -> None:
     _count(e, "batch.size", b.size)
     _count(e, "batch.grad_accum", b.grad_accum)
     if AUTO in (b.size, b.grad_accum) and b.effective is None:
-        e.append("batch.size or batch.grad_accum is auto: set batch.effective=<global batch> (e.g. 16) to keep fixed.")
+        e.append(
+            "batch.size or batch.grad_accum is auto: set batch.effective=<global batch> (e.g. 16) to keep fixed."
+        )
     if b.effective is not None and isinstance(b.size, int) and b.size >= 1:
         per_step = b.size * max(hw.num_gpus, 1)
         if b.effective < 1 or b.effective % per_step:
@@ -258,7 +269,9 @@ def validate(cfg: Any) -> None:
     if hw.num_gpus < 0:
         e.append(f"hw.num_gpus={hw.num_gpus} must not be negative (0 = CPU).")
     if hw.num_gpus > 0 and hw.gpu_memory_gb <= 0:
-        e.append(f"hw.gpu_memory_gb={hw.gpu_memory_gb} must be positive for a GPU (hw.num_gpus={hw.num_gpus}).")
+        e.append(
+            f"hw.gpu_memory_gb={hw.gpu_memory_gb} must be positive for a GPU (hw.num_gpus={hw.num_gpus})."
+        )
 
     if d.name == "file" and not d.path:
         e.append("data=file needs data.path=<your .jsonl/.json/.csv/.parquet file>.")

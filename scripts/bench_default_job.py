@@ -30,7 +30,12 @@ def one_run(out: Path, name: str, cache: Path | None, seed: int) -> dict:
     )
     wall = time.perf_counter() - start
     summary = json.loads((out / name / "summary.json").read_text())
-    return {"wall": wall, "train": summary["wall_seconds"], "before": summary["accuracy_before"], "after": summary["accuracy_after"]}
+    return {
+        "wall": wall,
+        "train": summary["wall_seconds"],
+        "before": summary["accuracy_before"],
+        "after": summary["accuracy_after"],
+    }
 
 
 def main() -> None:
@@ -48,11 +53,15 @@ def main() -> None:
     print("| cache | seed | wall (s) | training (s) | accuracy before | accuracy after |")
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, seed, r in rows:
-        print(f"| {kind} | {seed} | {r['wall']:.0f} | {r['train']:.0f} | {r['before']:.0%} | {r['after']:.0%} |")
+        print(
+            f"| {kind} | {seed} | {r['wall']:.0f} | {r['train']:.0f} | {r['before']:.0%} | {r['after']:.0%} |"
+        )
     for kind in ("cold", "warm"):
         sel = [r for k, _, r in rows if k == kind]
         if sel:
-            med = {key: statistics.median(r[key] for r in sel) for key in ("wall", "train", "before", "after")}
+            med = {
+                key: statistics.median(r[key] for r in sel) for key in ("wall", "train", "before", "after")
+            }
             print(
                 f"| **{kind} median** ({len(sel)} runs) | | {med['wall']:.0f} | {med['train']:.0f} "
                 f"| {med['before']:.0%} | {med['after']:.0%} |"

@@ -1,6 +1,6 @@
 """Wall time of `python -m finetune --cfg job` against bare interpreter start-up, same run, medians.
 
-    python scripts/bench_startup.py [--runs 15]
+python scripts/bench_startup.py [--runs 15]
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ def main() -> None:
             "python -c pass (baseline)": [py, "-c", "pass"],
             "python -c 'import torch' (for scale)": [py, "-c", "import torch"],
             "python -m finetune --cfg job": [py, "-m", "finetune", "--cfg", "job"],
-            "python -m finetune model=llama-3-70b --cfg job": [py, "-m", "finetune", "model=llama-3-70b", "--cfg", "job"],
+            "python -m finetune model=llama-3-70b --cfg job": [
+                py,
+                "-m",
+                "finetune",
+                "model=llama-3-70b",
+                "--cfg",
+                "job",
+            ],
         }
         wall(cases["python -m finetune --cfg job"], 2, cwd)  # warm the file cache
         results = {name: statistics.median(wall(cmd, runs, cwd)) for name, cmd in cases.items()}

@@ -59,7 +59,8 @@ def main() -> None:
         "# The seed documents' tables, regenerated",
         "",
         "Made by `python scripts/seed_tables.py` from finetune's memory estimator. Each cell: **ours (seed)**,",
-        "GiB; `*` marks a difference over 25%. " + __doc__.split("Settings (the seed states none): ")[1].split(" Cells")[0],
+        "GiB; `*` marks a difference over 25%. "
+        + __doc__.split("Settings (the seed states none): ")[1].split(" Cells")[0],
         "",
         "## Training memory",
         "",
@@ -68,19 +69,38 @@ def main() -> None:
     ]
     inference_rows = []
     for model, seed in SEED_TRAINING.items():
-        cfg = compose([f"model={model}", "hw=a100-80gb", "data=file", "data.path=x.jsonl", "data.max_length=512",
-                       "lora=r16"])
+        cfg = compose(
+            [
+                f"model={model}",
+                "hw=a100-80gb",
+                "data=file",
+                "data.path=x.jsonl",
+                "data.max_length=512",
+                "lora=r16",
+            ]
+        )
         table = plan.methods(cfg)
         t = table["training"]
         params = plan.memory.count_params(plan.model_arch(cfg.model)).total / 1e9
         row = [cell(t[k]["gib"], s) for k, s in zip(("full", "lora", "lora_4bit", "lora_8bit"), seed[:4])]
-        lines.append(f"| {model} | {params:.1f}B | {' | '.join(row)} | {t['lora_4bit']['smallest_gpu']} ({seed[4]}) |")
+        lines.append(
+            f"| {model} | {params:.1f}B | {' | '.join(row)} | {t['lora_4bit']['smallest_gpu']} ({seed[4]}) |"
+        )
         if model in SEED_INFERENCE:
             i = table["inference"]
             inference_rows.append(
-                f"| {model} | " + " | ".join(cell(i[k], s) for k, s in zip(("16bit", "8bit", "4bit"), SEED_INFERENCE[model])) + " |"
+                f"| {model} | "
+                + " | ".join(cell(i[k], s) for k, s in zip(("16bit", "8bit", "4bit"), SEED_INFERENCE[model]))
+                + " |"
             )
-    lines += ["", "## Inference memory", "", "| Model | 16-bit | 8-bit | 4-bit |", "| --- | --- | --- | --- |", *inference_rows]
+    lines += [
+        "",
+        "## Inference memory",
+        "",
+        "| Model | 16-bit | 8-bit | 4-bit |",
+        "| --- | --- | --- | --- |",
+        *inference_rows,
+    ]
     lines += [
         "",
         "## GaLore chart: full-parameter training (one 256-token sequence, no checkpointing)",

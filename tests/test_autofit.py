@@ -16,10 +16,22 @@ REAL_DATA = ["data=file", "data.path=chats.jsonl", "data.max_length=1024"]
 SEED_SCENARIOS = {
     "llama-3-8b on a colab t4": ["model=llama-3-8b", "hw=t4", "quant=4bit", "lora=r16", "batch=1x4"],
     "qwen2.5-7b on an rtx4090": ["model=qwen2.5-7b", "hw=rtx4090", "quant=8bit", "lora=r32", "batch=4x2"],
-    "llama-3-70b on an a100-80gb": ["model=llama-3-70b", "hw=a100-80gb", "quant=4bit", "lora=r64", "batch=2x4"],
+    "llama-3-70b on an a100-80gb": [
+        "model=llama-3-70b",
+        "hw=a100-80gb",
+        "quant=4bit",
+        "lora=r64",
+        "batch=2x4",
+    ],
     "7b 8-bit galore on an rtx4090": [
-        "model=llama-7b", "hw=rtx4090", "lora=none", "optim=galore_8bit", "optim.galore_layerwise=true",
-        "batch=1x8", "batch.grad_accum=1", "data.max_length=256",
+        "model=llama-7b",
+        "hw=rtx4090",
+        "lora=none",
+        "optim=galore_8bit",
+        "optim.galore_layerwise=true",
+        "batch=1x8",
+        "batch.grad_accum=1",
+        "data.max_length=256",
     ],
 }
 
@@ -56,9 +68,20 @@ def _leaves(node, prefix=""):
 
 
 PINNED = [
-    ["quant=4bit"], ["quant=8bit"], ["quant=none"], ["lora=r8"], ["lora=none"], ["lora=r64", "lora.use_dora=true"],
-    ["batch=2x4"], ["batch=16x1"], ["batch.size=4"], ["optim=adamw_8bit"], ["optim=adafactor"],
-    ["train.gradient_checkpointing=true"], ["train.gradient_checkpointing=false"], ["quant=4bit", "batch=1x16"],
+    ["quant=4bit"],
+    ["quant=8bit"],
+    ["quant=none"],
+    ["lora=r8"],
+    ["lora=none"],
+    ["lora=r64", "lora.use_dora=true"],
+    ["batch=2x4"],
+    ["batch=16x1"],
+    ["batch.size=4"],
+    ["optim=adamw_8bit"],
+    ["optim=adafactor"],
+    ["train.gradient_checkpointing=true"],
+    ["train.gradient_checkpointing=false"],
+    ["quant=4bit", "batch=1x16"],
 ]
 
 
@@ -74,8 +97,15 @@ def test_resolver_never_changes_a_pinned_setting(model, hw, pins):
     # batch.effective is derived when it was unset (null); nothing else may move.
     changed.pop("batch.effective", None) if before["batch.effective"] is None else None
     assert not changed
-    resolver_keys = ("quant.load_in", "lora.r", "batch.size", "batch.grad_accum", "optim.name", "hw.name",
-                     "train.gradient_checkpointing")
+    resolver_keys = (
+        "quant.load_in",
+        "lora.r",
+        "batch.size",
+        "batch.grad_accum",
+        "optim.name",
+        "hw.name",
+        "train.gradient_checkpointing",
+    )
     assert all(after[k] != schema.AUTO for k in resolver_keys)
 
 
@@ -96,14 +126,30 @@ def test_prefers_no_quantization_and_no_checkpointing_when_they_fit():
 
 def test_speed_estimate_is_reported_and_checkpointing_costs_time():
     fast = _plan(["model=qwen2.5-7b", "hw=a100-80gb", "train.gradient_checkpointing=false"])
-    slow = _plan(["model=qwen2.5-7b", "hw=a100-80gb", "train.gradient_checkpointing=true", f"batch.size={fast.cfg.batch.size}"])
+    slow = _plan(
+        [
+            "model=qwen2.5-7b",
+            "hw=a100-80gb",
+            "train.gradient_checkpointing=true",
+            f"batch.size={fast.cfg.batch.size}",
+        ]
+    )
     assert fast.tokens_per_second and slow.tokens_per_second
     assert slow.tokens_per_second < fast.tokens_per_second
 
 
 def test_nothing_fits_names_estimate_budget_and_smallest_gpu():
-    cfg = compose([*REAL_DATA, "model=llama-3-8b", "hw=t4", "quant=none", "lora=r16", "batch=1x4",
-                   "train.gradient_checkpointing=true"])
+    cfg = compose(
+        [
+            *REAL_DATA,
+            "model=llama-3-8b",
+            "hw=t4",
+            "quant=none",
+            "lora=r16",
+            "batch=1x4",
+            "train.gradient_checkpointing=true",
+        ]
+    )
     p = autofit.resolve(cfg)
     assert not p.fits
     with pytest.raises(UserError) as err:
@@ -130,7 +176,13 @@ def test_plan_json_contract_and_no_torch(tmp_path):
     plan = json.loads(result.stdout)
     assert plan["model"]["name"] == "llama-3-70b" and plan["model"]["params"] == 70_553_706_496
     assert set(plan["estimate"]) == {
-        "weights_gib", "adapter_gib", "gradients_gib", "optimizer_gib", "activations_gib", "overhead_gib", "total_gib"
+        "weights_gib",
+        "adapter_gib",
+        "gradients_gib",
+        "optimizer_gib",
+        "activations_gib",
+        "overhead_gib",
+        "total_gib",
     }
     assert isinstance(plan["fits"], bool) and plan["budget_gib"] > 0
     for group in ("quant", "lora", "batch", "optim", "hw", "data", "train"):

@@ -18,21 +18,60 @@ GPUS = sorted(p.stem for p in (config_dir() / "hw").glob("*.yaml") if p.stem != 
 
 # Published parameter counts (model cards), in billions, to two decimals.
 PUBLISHED = {
-    "phi-3-mini": 3.82, "llama-3-8b": 8.03, "llama-3.1-8b": 8.03, "qwen2.5-7b": 7.62, "qwen2-vl-7b": 8.29,
-    "gpt-oss-20b": 20.91, "llama-3-70b": 70.55, "mistral-7b": 7.25, "gemma-2-9b": 9.24, "qwen2.5-0.5b": 0.49,
-    "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09, "qwen2.5-14b": 14.77, "qwen2.5-32b": 32.76, "qwen2.5-72b": 72.71,
-    "llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "tiny": 0.13,
+    "phi-3-mini": 3.82,
+    "llama-3-8b": 8.03,
+    "llama-3.1-8b": 8.03,
+    "qwen2.5-7b": 7.62,
+    "qwen2-vl-7b": 8.29,
+    "gpt-oss-20b": 20.91,
+    "llama-3-70b": 70.55,
+    "mistral-7b": 7.25,
+    "gemma-2-9b": 9.24,
+    "qwen2.5-0.5b": 0.49,
+    "qwen2.5-1.5b": 1.54,
+    "qwen2.5-3b": 3.09,
+    "qwen2.5-14b": 14.77,
+    "qwen2.5-32b": 32.76,
+    "qwen2.5-72b": 72.71,
+    "llama-3.2-1b": 1.24,
+    "llama-3.2-3b": 3.21,
+    "tiny": 0.13,
 }
 
 
 def test_catalog_covers_the_seed_documents_and_popular_models():
     seed = {"phi-3-mini", "llama-3-8b", "qwen2.5-7b", "qwen2-vl-7b", "gpt-oss-20b", "llama-3-70b"}
     galore_chart = {"llama-350m", "llama-1b", "llama-3b", "llama-7b"}
-    popular = {"llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b", "gemma-2-9b", "qwen2.5-0.5b",
-               "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b"}
+    popular = {
+        "llama-3.1-8b",
+        "llama-3.2-1b",
+        "llama-3.2-3b",
+        "mistral-7b",
+        "gemma-2-9b",
+        "qwen2.5-0.5b",
+        "qwen2.5-1.5b",
+        "qwen2.5-3b",
+        "qwen2.5-14b",
+        "qwen2.5-32b",
+        "qwen2.5-72b",
+    }
     assert seed | galore_chart | popular | {"tiny"} <= set(MODELS)
-    wanted_gpus = {"cpu", "t4", "v100-16gb", "v100-32gb", "rtx3090", "rtx4090", "a10g", "l4", "a6000", "l40s",
-                   "a100-40gb", "a100-80gb", "h100", "h200"}
+    wanted_gpus = {
+        "cpu",
+        "t4",
+        "v100-16gb",
+        "v100-32gb",
+        "rtx3090",
+        "rtx4090",
+        "a10g",
+        "l4",
+        "a6000",
+        "l40s",
+        "a100-40gb",
+        "a100-80gb",
+        "h100",
+        "h200",
+    }
     assert wanted_gpus <= set(GPUS)
 
 
@@ -47,7 +86,9 @@ def test_model_parameter_count_matches_its_card(model):
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_on_every_gpu_composes_and_plans(model):
     for hw in GPUS:
-        cfg = compose([f"model={model}", f"hw={hw}", "data=file", "data.path=chats.jsonl", "data.max_length=1024"])
+        cfg = compose(
+            [f"model={model}", f"hw={hw}", "data=file", "data.path=chats.jsonl", "data.max_length=1024"]
+        )
         schema.validate(cfg)
         p = autofit.resolve(cfg)
         assert p.estimate.total_gib > 0 and p.budget_gib > 0
@@ -59,7 +100,9 @@ def test_every_model_on_every_gpu_composes_and_plans(model):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 @pytest.mark.parametrize("preset,gpu", [("colab-t4", "t4"), ("rtx4090", "rtx4090"), ("a100", "a100-80gb")])
 def test_make_presets_print_a_plan_that_fits_without_a_gpu(preset, gpu):
-    result = subprocess.run(["make", "-s", preset, f"PY={sys.executable}"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        ["make", "-s", preset, f"PY={sys.executable}"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert "No GPU on this machine: printing the plan" in result.stdout
     assert f"on {gpu}" in result.stdout and "fits (90% of the device" in result.stdout

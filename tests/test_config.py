@@ -22,17 +22,37 @@ def test_contract_groups_and_options_exist():
     assert {"none", "8bit", "4bit"} <= set(options("quant"))
     assert {"none", "r8", "r16", "r32", "r64"} <= set(options("lora"))
     assert set(schema.OPTIMIZERS) <= set(options("optim"))
-    assert {"cpu", "t4", "v100-16gb", "v100-32gb", "rtx4090", "a6000", "a100-40gb", "a100-80gb", "h100"} <= set(
-        options("hw")
-    )
-    seed_models = {"tiny", "phi-3-mini", "llama-3-8b", "qwen2.5-7b", "qwen2-vl-7b", "gpt-oss-20b", "llama-3-70b"}
+    assert {
+        "cpu",
+        "t4",
+        "v100-16gb",
+        "v100-32gb",
+        "rtx4090",
+        "a6000",
+        "a100-40gb",
+        "a100-80gb",
+        "h100",
+    } <= set(options("hw"))
+    seed_models = {
+        "tiny",
+        "phi-3-mini",
+        "llama-3-8b",
+        "qwen2.5-7b",
+        "qwen2-vl-7b",
+        "gpt-oss-20b",
+        "llama-3-70b",
+    }
     assert seed_models <= set(options("model"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option):
     # The combinations an option needs to be valid: GaLore trains full weights, quantization needs adapters.
-    needs = {("optim", "galore"): ["lora=none"], ("optim", "galore_8bit"): ["lora=none"], ("lora", "none"): []}
+    needs = {
+        ("optim", "galore"): ["lora=none"],
+        ("optim", "galore_8bit"): ["lora=none"],
+        ("lora", "none"): [],
+    }
     extra = needs.get((group, option), [])
     if group == "data" and option == "file":
         extra = ["data.path=train.jsonl"]
@@ -65,7 +85,9 @@ def test_demo_defaults_apply_but_command_line_wins():
 def test_effective_batch_derives_accumulation():
     from finetune import autofit
 
-    cfg = compose(["data=file", "data.path=x.jsonl", "hw=cpu", "batch=auto", "batch.size=2", "batch.effective=16"])
+    cfg = compose(
+        ["data=file", "data.path=x.jsonl", "hw=cpu", "batch=auto", "batch.size=2", "batch.effective=16"]
+    )
     schema.validate(cfg)
     assert autofit.resolve(cfg).cfg.batch.grad_accum == 8
 

@@ -19,7 +19,10 @@ def _torch_loaded_after(code: str, cwd: Path) -> str:
 
 
 def test_import_and_cfg_job_never_import_torch(tmp_path):
-    assert _torch_loaded_after("import finetune, finetune.schema, finetune.errors", tmp_path).strip() == "NO-TORCH"
+    assert (
+        _torch_loaded_after("import finetune, finetune.schema, finetune.errors", tmp_path).strip()
+        == "NO-TORCH"
+    )
     cli = "sys.argv = ['finetune', '--cfg', 'job']\n    import runpy\n    runpy.run_module('finetune', run_name='__main__')"
     out = _torch_loaded_after(cli, tmp_path)
     assert "model:" in out and out.strip().endswith("NO-TORCH")
@@ -35,7 +38,17 @@ def test_help_lists_groups(tmp_path):
 def test_wheel_install_finds_configs(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
         capture_output=True,
         text=True,
     )
@@ -56,7 +69,9 @@ def test_wheel_install_finds_configs(tmp_path):
         "import finetune, sys; print(finetune.__file__); print(finetune.config_dir());"
         "sys.argv=['finetune','model=llama-3-70b','--cfg','job']; from finetune.__main__ import main; main()"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(str(target)) and lines[1] == str(target / "finetune" / "configs")

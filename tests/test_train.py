@@ -53,7 +53,9 @@ def test_full_fine_tune_changes_every_weight_matrix(tiny_model, tmp_path):
     result = _train(tiny_model, tmp_path, "lora=none", "optim.lr=1e-2")
     original = _original_weights(tiny_model)
     changed = [
-        n for n, p in result.model.named_parameters() if p.dim() == 2 and not torch.equal(p.detach(), original[n])
+        n
+        for n, p in result.model.named_parameters()
+        if p.dim() == 2 and not torch.equal(p.detach(), original[n])
     ]
     assert len(changed) == sum(1 for v in original.values() if v.dim() == 2)
     assert (result.run_dir / "model" / "model.safetensors").is_file()
@@ -69,7 +71,9 @@ def test_4bit_qlora_trains_adapters_over_frozen_quantized_base(tiny_model, tmp_p
     # A fresh 4-bit load of the same checkpoint quantizes identically: the trained base must equal it.
     fresh = AutoModelForCausalLM.from_pretrained(
         tiny_model,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        ),
     )
     fresh_q = {n: m for n, m in fresh.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     for name, module in result.model.named_modules():
@@ -86,7 +90,15 @@ def test_run_folder_holds_everything_and_is_never_reused(tiny_model, tmp_path):
     assert {"config.yaml", "summary.json", "adapter"} <= files
     assert (result.run_dir / "adapter" / "tokenizer.json").is_file()
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    for key in ("steps", "final_loss", "tokens_per_second", "wall_seconds", "peak_cpu_rss_gib", "accuracy_before", "accuracy_after"):
+    for key in (
+        "steps",
+        "final_loss",
+        "tokens_per_second",
+        "wall_seconds",
+        "peak_cpu_rss_gib",
+        "accuracy_before",
+        "accuracy_after",
+    ):
         assert key in summary, key
     assert summary["steps"] == 2 and 0 <= summary["accuracy_after"] <= 1
     with pytest.raises(UserError, match="already exists"):
@@ -126,11 +138,18 @@ def test_missing_gpu_or_weights_says_what_to_do(tmp_path, args, message):
 def test_mixture_of_experts_trains_attention_lora_with_frozen_experts(tmp_path):
     from conftest import build_tiny_model
 
-    moe = build_tiny_model(tmp_path / "tiny-gpt-oss", arch="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
-                           head_dim=16)
+    moe = build_tiny_model(
+        tmp_path / "tiny-gpt-oss", arch="gpt_oss", num_local_experts=4, num_experts_per_tok=2, head_dim=16
+    )
     cfg = compose(
-        tiny_overrides(moe, tmp_path / "runs", "model=gpt-oss-20b", "model.name=test-moe", f"model.name_or_path={moe}",
-                       "model.gguf_file=null")
+        tiny_overrides(
+            moe,
+            tmp_path / "runs",
+            "model=gpt-oss-20b",
+            "model.name=test-moe",
+            f"model.name_or_path={moe}",
+            "model.gguf_file=null",
+        )
     )
     assert cfg.model.attn_implementation == "eager"  # gpt-oss attention sinks have no SDPA kernel
     result = pipeline.run(cfg)
