@@ -1,4 +1,5 @@
-"""Wall time of `python -m finetune --cfg job` against bare interpreter start-up, same run, medians.
+"""Wall time of `python -m finetune --cfg job` and `python -m finetune.plan` against bare interpreter
+start-up, same run, medians.
 
 python scripts/bench_startup.py [--runs 15]
 """
@@ -40,6 +41,7 @@ def main() -> None:
                 "--cfg",
                 "job",
             ],
+            "python -m finetune.plan model=llama-3-70b": [py, "-m", "finetune.plan", "model=llama-3-70b"],
         }
         wall(cases["python -m finetune --cfg job"], 2, cwd)  # warm the file cache
         results = {name: statistics.median(wall(cmd, runs, cwd)) for name, cmd in cases.items()}

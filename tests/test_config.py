@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import compose, run_cli
 
-from finetune import UserError, config_dir, schema
+from finetune import UserError, config_dir, pipeline, schema
 
 GROUPS = ["model", "quant", "lora", "batch", "optim", "hw", "data"]
 
@@ -169,8 +169,9 @@ def test_every_recipe_composes_validates_and_dry_runs():
     assert names
     for name in names:
         assert "python -m finetune -cd recipes -cn " + name in (recipes / f"{name}.yaml").read_text()
-        cfg = compose(["data.path=chats.jsonl"], config_name=name, folder=recipes)
+        cfg = compose(["data.path=chats.jsonl", "dry_run=true"], config_name=name, folder=recipes)
         schema.validate(cfg)
+        assert pipeline.run(cfg) is None  # a dry run: plans, prints, loads nothing
     result = run_cli("-cd", str(recipes), "-cn", names[0], "data.path=chats.jsonl", "dry_run=true")
     assert result.returncode == 0, result.stderr
     assert "finetune plan" in result.stdout
