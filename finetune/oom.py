@@ -40,6 +40,7 @@ class StepDownTrainer(SFTTrainer):
         oom_split: chunks each micro-batch is split into (1: not split).
         oom_events: one dict per rung taken: step (1-based optimizer step that ran out of memory),
             rung (one of LADDER), micro_batch and grad_accum in force afterwards, error (its first line).
+    `oom_overrides()` gives the command-line overrides that start a next run where this one ended.
     """
 
     def __init__(self, *args, **kwargs):
@@ -74,25 +75,25 @@ class StepDownTrainer(SFTTrainer):
             raise
         # Outside the `except`: the traceback's frames hold the failed pass's activations until then.
         if error is not None:
-            loss = self._recover(model, inputs, error)
+            loss = self._recover(model, error)
         if self.accelerator.sync_gradients:  # the last micro-batch of this optimizer step
             self._step_inputs = []
         return loss
 
-    def _recover(self, model, inputs, error: str):
+    def _recover(self, model, error: str):
         """Step down until the current optimizer step fits; returns the current micro-batch's loss."""
         while True:
             # A backward that died half-way has added to some gradients and not to others, so the
-            # step's gradients are dropped and rebuilt from its first micro-batch (the earlier
-            # ones' losses are already counted: only the current one is returned).
+            # step's gradients are dropped and rebuilt from its first micro-batch. The earlier
+            # micro-batches' losses are already counted: only the current one's is returned.
             model.zero_grad(set_to_none=True)
             self._metrics_restore(self._step_metrics)
             clear_device_cache(garbage_collection=True)
-            self._step_down(error, _rows(inputs))
+            self._step_down(error, _rows(self._step_inputs[-1][0]))
             try:
-                for earlier, num_items in self._step_inputs[:-1]:
-                    self._split_step(model, earlier, num_items)
-                return self._split_step(model, inputs, self._step_inputs[-1][1])
+                for inputs, num_items_in_batch in self._step_inputs:
+                    loss = self._split_step(model, inputs, num_items_in_batch)
+                return loss
             except torch.OutOfMemoryError as err:
                 error = _first_line(err)
             except BaseException:
@@ -124,7 +125,9 @@ class StepDownTrainer(SFTTrainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        out = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if self._loss_weight == 1.0:
             return out
         if return_outputs:
@@ -177,7 +180,9 @@ class StepDownTrainer(SFTTrainer):
             # transformers also hooks the input embeddings to require grad, which a frozen base under
             # LoRA needs for gradients to reach the adapters through checkpointed layers.
             model.activation_checkpointing_enable()
-            self._record("gradient_checkpointing", error, "turning on gradient checkpointing (~30% slower steps)")
+            self._record(
+                "gradient_checkpointing", error, "turning on gradient checkpointing (~30% slower steps)"
+            )
             return
         if self._swap_to_paged_optimizer():
             self._record(
@@ -210,7 +215,21 @@ class StepDownTrainer(SFTTrainer):
                 "error": error,
             }
         )
-        print(f"out of memory at step {step} ({error}); {action}. Rebuilding the step: no sample lost.", flush=True)
+        print(
+            f"out of memory at step {step} ({error}); {action}. Rebuilding the step: no sample lost.",
+            flush=True,
+        )
+
+    def oom_overrides(self) -> list[str]:
+        """Overrides that start the next run where this one ended up (empty when nothing ran out)."""
+        rungs = {e["rung"] for e in self.oom_events}
+        overrides = [f"batch.size={self._micro_batch()}", f"batch.grad_accum={self._grad_accum()}"]
+        overrides = overrides if "split" in rungs else []
+        if "gradient_checkpointing" in rungs:
+            overrides.append("train.gradient_checkpointing=true")
+        if "paged_adamw_8bit" in rungs:
+            overrides.append("optim=paged_adamw_8bit")
+        return overrides
 
     def _micro_batch(self) -> int:
         return math.ceil(self.args.per_device_train_batch_size / self.oom_split)
@@ -221,7 +240,7 @@ class StepDownTrainer(SFTTrainer):
     def _swap_to_paged_optimizer(self) -> bool:
         """Replace the optimizer in place everywhere the training loop looks for it; False if not applicable."""
         old = _inner(self.optimizer)
-        new = paged_adamw_8bit(old, self.args)
+        new = paged_adamw_8bit(old)
         if new is None:
             return False
         # torch schedulers check on their first step that they wrapped optimizer.step (to catch a
@@ -249,8 +268,9 @@ class StepDownTrainer(SFTTrainer):
 
 
 def _first_line(err: BaseException) -> str:
+    """'CUDA out of memory. Tried to allocate 2.00 GiB' without the allocator statistics that follow."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else "out of memory"
+    return ". ".join(text.splitlines()[0].split(". ")[:2]) if text else "out of memory"
 
 
 def _inner(optimizer):
@@ -258,10 +278,11 @@ def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def paged_adamw_8bit(old: torch.optim.Optimizer, args):
+def paged_adamw_8bit(old: torch.optim.Optimizer):
     """A bitsandbytes PagedAdamW8bit over `old`'s param groups, with its moments; None if not applicable.
 
-    Applies to torch Adam/AdamW and to bitsandbytes' non-paged Adam family. Not to an optimizer
+    Applies to torch AdamW and to bitsandbytes' non-paged Adam family (both decay weights the
+    decoupled way, like PagedAdamW8bit; torch's Adam would not). Not to an optimizer
     with its own memory scheme (Adafactor, GaLore, an already paged one), where it would not help.
     Each parameter's old state is dropped as soon as it is carried over, to keep the peak low.
     """
@@ -269,17 +290,12 @@ def paged_adamw_8bit(old: torch.optim.Optimizer, args):
     from bitsandbytes.optim.optimizer import Optimizer2State
 
     is_bnb_adam = isinstance(old, Optimizer2State) and getattr(old, "optimizer_name", "") == "adam"
-    if not (isinstance(old, (torch.optim.Adam, torch.optim.AdamW)) or is_bnb_adam) or getattr(old, "is_paged", False):
+    if not (isinstance(old, torch.optim.AdamW) or is_bnb_adam) or getattr(old, "is_paged", False):
         return None
     groups = []
     for g in old.param_groups:
-        group = {
-            "params": g["params"],
-            "lr": g["lr"],
-            "betas": tuple(g.get("betas", (args.adam_beta1, args.adam_beta2))),
-            "eps": g.get("eps", args.adam_epsilon),
-            "weight_decay": g.get("weight_decay", args.weight_decay),
-        }
+        # torch's and bitsandbytes' Adam groups always hold these (bitsandbytes rejects amsgrad: unused by Trainer)
+        group = {k: g[k] for k in ("params", "lr", "betas", "eps", "weight_decay")}
         if "initial_lr" in g:  # the scheduler's base learning rate
             group["initial_lr"] = g["initial_lr"]
         groups.append(group)
@@ -298,7 +314,7 @@ def _carry_moments(old: dict, new: dict) -> None:
     from bitsandbytes.functional import dequantize_blockwise, quantize_blockwise
 
     new["step"] = int(old["step"])
-    if "exp_avg" in old:  # torch Adam/AdamW
+    if "exp_avg" in old:  # torch AdamW
         moments = [old["exp_avg"], old["exp_avg_sq"]]
     elif old["state1"].dtype == new["state1"].dtype:  # bitsandbytes in the same format: copy as is
         for key in ("state1", "state2", "absmax1", "absmax2"):
@@ -307,7 +323,9 @@ def _carry_moments(old: dict, new: dict) -> None:
         return
     elif old["state1"].dtype == torch.uint8:
         moments = [
-            dequantize_blockwise(old[f"state{i}"], absmax=old[f"absmax{i}"], code=old[f"qmap{i}"], blocksize=256)
+            dequantize_blockwise(
+                old[f"state{i}"], absmax=old[f"absmax{i}"], code=old[f"qmap{i}"], blocksize=256
+            )
             for i in (1, 2)
         ]
     else:
@@ -315,7 +333,11 @@ def _carry_moments(old: dict, new: dict) -> None:
     for i, moment in enumerate(moments, start=1):
         if new[f"state{i}"].dtype == torch.uint8:  # blockwise, as bitsandbytes' own 8-bit update stores it
             quantize_blockwise(
-                moment.float(), code=new[f"qmap{i}"], absmax=new[f"absmax{i}"], out=new[f"state{i}"], blocksize=256
+                moment.float(),
+                code=new[f"qmap{i}"],
+                absmax=new[f"absmax{i}"],
+                out=new[f"state{i}"],
+                blocksize=256,
             )
         else:  # tensors under min_8bit_size elements keep 32-bit states
             new[f"state{i}"].copy_(moment)
