@@ -77,6 +77,7 @@ def settings(cfg: Any, **pick: Any) -> memory.Settings:
         grad_ckpt=pick["ckpt"],
         attn=cfg.model.attn_implementation,
         dtype=plan.precision(cfg).weights,
+        loss_impl="fused",  # TRL's SFTTrainer computes the loss in chunks: the full logits never exist
     )
 
 

@@ -75,7 +75,7 @@ class Settings:
     """Everything about a run that changes its memory. Defaults follow our pipeline (TRL SFTTrainer)."""
 
     quant: str = "none"  # "none" | "8bit" | "4bit" (bitsandbytes LLM.int8 / NF4|FP4)
-    bnb_4bit_quant_type: str = "nf4"  # "nf4" | "fp4": same storage, only the code book differs
+    bnb_4bit_quant_type: str = "nf4"  # "nf4" | "fp4": validated only; both store 4 bits + the same scales
     double_quant: bool = True
     lora_r: int | None = 16  # None = full fine-tune (all params trained)
     lora_targets: tuple[str, ...] = ("all-linear",)  # module names like q_proj,... or "all-linear"
@@ -97,7 +97,9 @@ class Settings:
     packed: bool = False  # packed / padding-free batches: no padding mask, so SDPA keeps GQA un-repeated
     kbit_fp32_upcast: bool = False  # peft.prepare_model_for_kbit_training: non-quantized weights in fp32
     quantize_vision: bool = True  # bitsandbytes converts every nn.Linear, the vision tower's included
-    loss_impl: str = "full"  # full: HF logits + fp32 CE | chunked: torchtune-style | fused: no logits
+    # full: HF's loss on materialised logits (what published runs measured; the safe default) |
+    # chunked: torchtune-style | fused: no logits (TRL >= 1.x SFTTrainer patches such an LM head)
+    loss_impl: str = "full"
     opt_in_backward: bool = False  # optimizer step inside backward hooks: one gradient alive at a time
     offload_activations: bool = False  # checkpointed layer inputs kept in host memory
     image_patches: int = 0  # VLMs: vision-tower patches per sample (before the 2x2 merge)
@@ -180,8 +182,8 @@ class _Vision:
 
     @property
     def params(self) -> int:
-        block = sum(l.params for l in self.linears) + self.norm_params
-        merger = sum(l.params for l in self.merger_linears) + self.merger_norm_params
+        block = sum(lin.params for lin in self.linears) + self.norm_params
+        merger = sum(lin.params for lin in self.merger_linears) + self.merger_norm_params
         return self.patch_params + self.depth * block + merger
 
 
@@ -330,6 +332,8 @@ def _parse(arch: dict) -> _Arch:
             norms_per_layer=norms_per_layer,
             attn_softcap=mt == "gemma2" and cfg.get("attn_logit_softcapping", 50.0) is not None,
             final_softcap=mt == "gemma2" and cfg.get("final_logit_softcapping", 30.0) is not None,
+            # SDPA cannot soft-cap attention logits: transformers runs Gemma-2 eager (or flash)
+            sdpa_supported=mt != "gemma2",
             dropout=cfg.get("attention_dropout", 0.0) or 0.0,
         )
         if mt == "mixtral":
@@ -339,7 +343,7 @@ def _parse(arch: dict) -> _Arch:
                 experts=e,
                 top_k=cfg.get("num_experts_per_tok", 2),
                 expert_params=3 * h * inter,
-                expert_saved=3,  # gate_up output (2I) + SiLU(gate) (I)
+                expert_saved=3,  # gate_up output (2 x ffn) + SiLU(gate) (ffn)
                 router_params=e * h,
             )
         elif mt == "gpt_oss":
@@ -351,7 +355,7 @@ def _parse(arch: dict) -> _Arch:
                 experts=e,
                 top_k=cfg.get("num_experts_per_tok", cfg.get("experts_per_token", 4)),
                 expert_params=3 * h * inter + 2 * inter + h,
-                expert_saved=6,  # gate_up (2I), clamped gate, sigmoid, up + 1, gated product (I each)
+                expert_saved=6,  # gate_up (2 x ffn), clamped gate, sigmoid, up + 1, gated product
                 router_params=e * h + e,
                 layer_other_params=heads,  # attention sinks
                 attn_sinks=True,
@@ -363,7 +367,13 @@ def _parse(arch: dict) -> _Arch:
 
     if mt == "phi":  # phi-1.5 / phi-2: parallel attention + MLP from one LayerNorm, biases everywhere
         return _Arch(
-            **{**common, "norm_kind": "layer", "gated_mlp": False, "lm_head_bias": True, "final_norm_params": 2 * h},
+            **{
+                **common,
+                "norm_kind": "layer",
+                "gated_mlp": False,
+                "lm_head_bias": True,
+                "final_norm_params": 2 * h,
+            },
             linears=(
                 lin("q_proj", ("q_proj",), h, q, True, "attention"),
                 lin("k_proj", ("k_proj",), h, kvd, True, "attention"),
@@ -405,7 +415,14 @@ def _parse(arch: dict) -> _Arch:
         ffn = cfg.get("ffn_hidden_size") or 4 * h
         bias = cfg.get("bias", False)
         return _Arch(
-            **{**common, "norm_kind": "layer", "gated_mlp": False, "kv_heads": kv, "inter": ffn, "final_norm_params": 2 * h},
+            **{
+                **common,
+                "norm_kind": "layer",
+                "gated_mlp": False,
+                "kv_heads": kv,
+                "inter": ffn,
+                "final_norm_params": 2 * h,
+            },
             linears=(
                 lin("query_key_value", ("q_proj", "k_proj", "v_proj"), h, qkv_out, bias, "attention"),
                 lin("dense", ("o_proj",), h, h, bias, "attention"),
@@ -422,7 +439,14 @@ def _parse(arch: dict) -> _Arch:
         labels = cfg.get("num_labels", len(cfg.get("id2label", {})) or 2)
         embed = (vocab + cfg.get("max_position_embeddings", 512) + cfg.get("type_vocab_size", 2)) * h + 2 * h
         return _Arch(
-            **{**common, "norm_kind": "layer", "gated_mlp": False, "tied": True, "embed_params": embed, "final_norm_params": 0},
+            **{
+                **common,
+                "norm_kind": "layer",
+                "gated_mlp": False,
+                "tied": True,
+                "embed_params": embed,
+                "final_norm_params": 0,
+            },
             linears=(
                 lin("query", ("q_proj",), h, h, True, "attention"),
                 lin("key", ("k_proj",), h, h, True, "attention"),
@@ -449,7 +473,11 @@ def _parse_qwen2_vl_vision(v: dict, text_hidden: int) -> _Vision:
     ed = v.get("embed_dim", 1280)
     mlp_dim = int(ed * v.get("mlp_ratio", 4))
     merge = v.get("spatial_merge_size", 2) ** 2 * ed
-    patch = v.get("in_chans", v.get("in_channels", 3)) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2
+    patch = (
+        v.get("in_chans", v.get("in_channels", 3))
+        * v.get("temporal_patch_size", 2)
+        * v.get("patch_size", 14) ** 2
+    )
     out = v.get("hidden_size", text_hidden)
     return _Vision(
         depth=v.get("depth", 32),
@@ -481,14 +509,13 @@ def count_params(arch: dict) -> ParamCount:
     """Exact parameter count of the transformers model built from ``arch`` (see tests)."""
     a = _parse(arch)
     L = a.layers
-    attention = L * (sum(l.params for l in a.linears if l.group == "attention"))
-    mlp = L * (sum(l.params for l in a.linears if l.group == "mlp"))
+    attention = L * (sum(lin.params for lin in a.linears if lin.group == "attention"))
+    mlp = L * (sum(lin.params for lin in a.linears if lin.group == "mlp"))
     experts = L * a.experts * a.expert_params
     router = L * a.router_params
     norms = L * a.norm_params + a.final_norm_params
-    lm_head = 0 if a.tied and not a.encoder else a.vocab * a.hidden + (a.vocab if a.lm_head_bias else 0)
-    if a.encoder:
-        lm_head = 0  # classification head is in `other`
+    # tied heads share the embedding; an encoder's classification head is counted in `other`
+    lm_head = 0 if (a.tied or a.encoder) else a.vocab * a.hidden + (a.vocab if a.lm_head_bias else 0)
     vision = a.vision.params if a.vision else 0
     other = L * a.layer_other_params + a.head_other_params
     total = a.embed_params + lm_head + attention + mlp + experts + router + norms + vision + other
@@ -538,7 +565,6 @@ def load_arch(name_or_path: str) -> dict:
     return {k: v for k, v in arch.items() if not k.startswith("_")}
 
 
-
 # --------------------------------------------------------------------------------------------
 # The estimate
 # --------------------------------------------------------------------------------------------
@@ -562,19 +588,29 @@ def _check(s: Settings, a: _Arch) -> None:
         if getattr(s, name) < 1:
             raise ValueError(f"Settings.{name} must be >= 1, got {getattr(s, name)}")
     if s.lora_r is None and s.quant != "none":
-        raise ValueError("Settings.quant='4bit'/'8bit' needs LoRA (lora_r): quantized weights cannot be trained in full")
+        raise ValueError(
+            "Settings.quant='4bit'/'8bit' needs LoRA (lora_r): quantized weights cannot be trained in full"
+        )
     if s.lora_r is not None and s.lora_r < 1:
         raise ValueError(f"Settings.lora_r must be >= 1 or None (full fine-tune), got {s.lora_r}")
     if s.optim.startswith("galore") and s.lora_r is not None:
-        raise ValueError("GaLore trains the full weights: set Settings.lora_r=None with optim='galore'/'galore_8bit'")
+        raise ValueError(
+            "GaLore trains the full weights: set Settings.lora_r=None with optim='galore'/'galore_8bit'"
+        )
     if a.encoder and s.quant != "none":
-        raise ValueError("quantized training of encoder classifiers is not modelled: use Settings.quant='none'")
+        raise ValueError(
+            "quantized training of encoder classifiers is not modelled: use Settings.quant='none'"
+        )
     for name in s.modules_to_save:
         if name not in _EMBED_NAMES | _HEAD_NAMES:
-            raise ValueError(f"Settings.modules_to_save: {name!r} is not modelled; use 'embed_tokens' / 'lm_head'")
+            raise ValueError(
+                f"Settings.modules_to_save: {name!r} is not modelled; use 'embed_tokens' / 'lm_head'"
+            )
     if s.lora_r is not None:
         names = {n for lin, _ in _all_linears(a) for n in (lin.name, *lin.aliases)}
-        known = names | {"all-linear", "lm_head"} | ({"w1", "w2", "w3"} if a.model_type == "mixtral" else set())
+        known = (
+            names | {"all-linear", "lm_head"} | ({"w1", "w2", "w3"} if a.model_type == "mixtral" else set())
+        )
         unknown = sorted(set(s.lora_targets) - known)
         if unknown:
             raise ValueError(
@@ -627,9 +663,11 @@ def _unquantized_bytes(s: Settings) -> int:
 
 def _all_linears(a: _Arch) -> list[tuple[_Linear, int]]:
     """(linear, how many in the model): decoder layers, then the vision tower."""
-    out = [(l, a.layers) for l in a.linears]
+    out = [(lin, a.layers) for lin in a.linears]
     if a.vision:
-        out += [(l, a.vision.depth) for l in a.vision.linears] + [(l, 1) for l in a.vision.merger_linears]
+        out += [(lin, a.vision.depth) for lin in a.vision.linears] + [
+            (lin, 1) for lin in a.vision.merger_linears
+        ]
     return out
 
 
@@ -675,7 +713,7 @@ def _trainables(a: _Arch, s: Settings, pc: ParamCount) -> list[_Tensor]:
             out.append(_Tensor(lin.out_f, lin.in_f, n, ub, galore_target=lin.group != "vision"))
             if lin.bias:
                 out.append(_Tensor(lin.out_f, 1, n, ub))
-        if a.experts:  # gate_up (2I x h) and down (h x I) per expert; HF GaLore skips 3-D tensors
+        if a.experts:  # gate_up (2 ffn x h) and down (h x ffn) per expert; HF GaLore skips 3-D tensors
             out.append(_Tensor(2 * a.inter, a.hidden, a.layers, ub, lead=a.experts))
             out.append(_Tensor(a.hidden, a.inter, a.layers, ub, lead=a.experts))
         out.append(_Tensor(a.vocab, a.hidden, 1, ub))
@@ -698,10 +736,10 @@ def _trainables(a: _Arch, s: Settings, pc: ParamCount) -> list[_Tensor]:
         # transformers 5 fuses Mixtral's experts into 3-D stacks and its router into a parameter;
         # PEFT maps the v4 targets onto them (target_parameters), one rank-r factor per expert and
         # rank 2r on the fused gate_up stack (w1 + w3).
-        E, h, I, L = a.experts, a.hidden, a.inter, a.layers
+        E, h, ffn, L = a.experts, a.hidden, a.inter, a.layers
         out += [_Tensor(r, h, L, ab), _Tensor(E, r, L, ab)]  # router
-        out += [_Tensor(2 * r * E, h, L, ab), _Tensor(2 * I, 2 * r * E, L, ab)]  # gate_up
-        out += [_Tensor(r * E, I, L, ab), _Tensor(h, r * E, L, ab)]  # down
+        out += [_Tensor(2 * r * E, h, L, ab), _Tensor(2 * ffn, 2 * r * E, L, ab)]  # gate_up
+        out += [_Tensor(r * E, ffn, L, ab), _Tensor(h, r * E, L, ab)]  # down
     if "lm_head" in s.lora_targets and not a.encoder:
         out += [_Tensor(r, a.hidden, 1, ab), _Tensor(a.vocab, r, 1, ab)]
     # modules_to_save: PEFT trains a full copy of the module, in the dtype of the original
@@ -715,7 +753,9 @@ def _weights_bytes(a: _Arch, s: Settings, pc: ParamCount) -> float:
     for lin, n in _all_linears(a):
         linear_params += n * lin.params
         if _quantized(s, lin):
-            total += n * (_quant_bytes(s, lin.in_f * lin.out_f, lin.out_f) + (lin.out_f * ub if lin.bias else 0))
+            total += n * (
+                _quant_bytes(s, lin.in_f * lin.out_f, lin.out_f) + (lin.out_f * ub if lin.bias else 0)
+            )
         else:
             total += n * lin.params * ub
     return total + (pc.total - linear_params) * ub
@@ -786,7 +826,7 @@ def _activation_phases(a: _Arch, s: Settings) -> dict[str, float]:
     """
     B, S = s.batch_size, s.seq_len
     t = B * S
-    h, I, L = a.hidden, a.inter, a.layers
+    h, ffn, L = a.hidden, a.inter, a.layers
     q, kv, nh = a.q_dim, a.kv_dim, a.heads
     autocast = s.dtype != "float32"  # HF Trainer runs bf16/fp16 under torch.autocast
     c = DTYPE_BYTES[s.dtype]  # bytes of tensors computed by matmuls
@@ -828,9 +868,9 @@ def _activation_phases(a: _Arch, s: Settings) -> dict[str, float]:
         trainable = 0 if not full else (4 if a.model_type.startswith("gemma") else rb) * h
         return 4 * h + trainable
 
-    attn_lins = tuple(l for l in a.linears if l.group == "attention")
+    attn_lins = tuple(lin for lin in a.linears if lin.group == "attention")
     qkv, o_lin = attn_lins[:-1], attn_lins[-1:]
-    mlp_lins = tuple(l for l in a.linears if l.group == "mlp")
+    mlp_lins = tuple(lin for lin in a.linears if lin.group == "mlp")
     up_lins, down_lin = mlp_lins[:-1], mlp_lins[-1:]
     attn_norms = 2 if a.norms_per_layer == 4 else 1  # gemma-2 also norms the attention output
     mid = c if autocast else 4  # tensors produced inside the block (attention output, MLP product)
@@ -873,25 +913,25 @@ def _activation_phases(a: _Arch, s: Settings) -> dict[str, float]:
     if a.experts:
         # eager expert loop over t*k (token, expert) pairs: gate_up output and activation
         # intermediates, the expert output kept by the routing-weight multiply, fp32 router softmax
-        per_pair = c * a.expert_saved * I + c * h
+        per_pair = c * a.expert_saved * ffn + c * h
         if full or expert_lora:
-            per_pair += c * (h + I)  # inputs of both expert matmuls, for the weight gradients
+            per_pair += c * (h + ffn)  # inputs of both expert matmuls, for the weight gradients
         router_in = rb * h if (full or expert_lora) else 0  # kept for the router weight gradient
         mlp += a.top_k * per_pair + 8 * a.experts + router_in
-        mlp_bwd = c * 3 * I * a.top_k
+        mlp_bwd = c * 3 * ffn * a.top_k
         if expert_lora:
             # PEFT folds the factors into the stacks, W' = W + B@A (one baddbmm per stack, in the
             # weights' dtype), and the expert matmuls keep W' for backward. Backward then builds
             # the full gradient of the gate_up stack once the down stack's W' has been released.
-            mlp_fixed = rb * a.experts * 3 * h * I
-            mlp_bwd_fixed = rb * a.experts * h * I
+            mlp_fixed = rb * a.experts * 3 * h * ffn
+            mlp_bwd_fixed = rb * a.experts * h * ffn
     else:
         if not a.parallel_block:
             mlp += inputs_saved(norm_out, up_lins)
         act_copies = 4 if a.gelu_composite else 1
-        mlp += c * I * ((2 + act_copies) if a.gated_mlp else act_copies)
+        mlp += c * ffn * ((2 + act_copies) if a.gated_mlp else act_copies)
         mlp += inputs_saved(mid, down_lin)
-        mlp_bwd = c * I * (3 if a.gated_mlp else 2)
+        mlp_bwd = c * ffn * (3 if a.gated_mlp else 2)
     if a.hidden_dropout > 0:
         mlp += h
     layer = attn + mlp
@@ -899,14 +939,13 @@ def _activation_phases(a: _Arch, s: Settings) -> dict[str, float]:
     # then attention (the MLP's tensors released); the residual-stream gradient flows in and out.
     bwd_extra = max(mlp_bwd * t + mlp_bwd_fixed, attn_bwd * t - mlp * t - mlp_fixed) + 2 * rb * h * t
     # bitsandbytes dequantizes a quantized weight to compute dtype for each matmul's backward
-    quantized = [l.in_f * l.out_f for l, _ in _all_linears(a) if _quantized(s, l)]
+    quantized = [lin.in_f * lin.out_f for lin, _ in _all_linears(a) if _quantized(s, lin)]
     dequant = c * max(quantized, default=0)
 
     # ---- autocast copies of fp32 weights: kept (cached) until the forward ends, and saved by
     # their matmuls, i.e. for the whole step without checkpointing
     fp32_trainable = autocast and (full and rb == 4 or not full and ab == 4)
-    per_layer_lin = sum(lp for lp in _trainable_linear_params(a, s))
-    cast_layer = c * per_layer_lin if fp32_trainable else 0.0
+    cast_layer = c * _trainable_matmul_params(a, s) if fp32_trainable else 0.0
     head_fp32 = autocast and rb == 4 and not a.encoder  # amp master weights or kbit fp32 upcast
     cast_head = c * a.vocab * h if head_fp32 else 0.0
 
@@ -948,11 +987,11 @@ def _activation_phases(a: _Arch, s: Settings) -> dict[str, float]:
     }
 
 
-def _trainable_linear_params(a: _Arch, s: Settings) -> list[int]:
-    """Per decoder layer: parameters of each trainable matrix that feeds a matmul (autocast casts)."""
+def _trainable_matmul_params(a: _Arch, s: Settings) -> int:
+    """Per decoder layer: trainable parameters that feed a matmul (what autocast casts)."""
     if s.lora_r is None:
-        return [l.params for l in a.linears] + [a.experts * a.expert_params]
-    return [s.lora_r * (l.in_f + l.out_f) for l in a.linears if _adapted(s, l)]
+        return sum(lin.params for lin in a.linears) + a.experts * a.expert_params
+    return sum(s.lora_r * (lin.in_f + lin.out_f) for lin in a.linears if _adapted(s, lin))
 
 
 def _dora_transient(a: _Arch, s: Settings, c: int) -> float:
@@ -968,17 +1007,22 @@ def _dora_transient(a: _Arch, s: Settings, c: int) -> float:
 
 
 def _vision_activations(a: _Arch, s: Settings, c: int, rb: int) -> float:
-    """Qwen2-VL vision tower over ``image_patches`` per sample: LayerNorm, fused qkv, full attention
-    (flash/sdpa), quick-GELU MLP. Its saved tensors live until the end of backward."""
+    """Qwen2-VL's vision tower over ``image_patches`` per sample. A block keeps what a decoder layer
+    does: two LayerNorm inputs in fp32, the fused qkv output, q/k after RoPE, attention output and
+    logsumexp, fc1 output with its QuickGELU pieces (x, sigmoid, product = fc2 input); then the
+    2x2 patch merger. Not covered by the fake-tensor check, which runs text-only models."""
     v = a.vision
     if not v or not s.image_patches:
         return 0.0
     p = s.batch_size * s.image_patches
-    ed = v.embed_dim
-    per_block = 2 * 4 * ed + c * (3 * ed + 3 * ed + ed) + 4 * v.heads + c * v.mlp_dim * 2 + c * ed
-    per_block += 0 if s.lora_r is None else c * (ed + v.mlp_dim)  # LoRA-adapted inputs (casts)
-    kept = v.depth * (rb * ed if s.grad_ckpt else per_block) * p
-    return kept + (per_block * p if s.grad_ckpt else 0) + c * 4 * ed * p // 4
+    ed, m = v.embed_dim, v.mlp_dim
+    block = 2 * 4 * ed + c * (3 * ed + 2 * ed + ed) + 4 * v.heads + c * 3 * m
+    if s.lora_r is not None:
+        block += c * (2 * ed + m)  # adapter input casts: qkv, proj, fc2 (fc1 reads a LayerNorm too)
+    kept = v.depth * (rb * ed if s.grad_ckpt else block) * p
+    recompute = block * p if s.grad_ckpt else 0
+    merger = (4 + c) * ed * p  # its LayerNorm input (fp32) and the merged MLP input
+    return kept + recompute + merger
 
 
 def estimate(arch: dict, s: Settings = Settings()) -> Estimate:
@@ -992,24 +1036,25 @@ def estimate(arch: dict, s: Settings = Settings()) -> Estimate:
     weights = _weights_bytes(a, s, pc)
     adapter = 0.0 if s.lora_r is None else trainable_bytes
     states, step_temp = _optimizer_bytes(s, tensors)
-    largest_grad = max(t.numel * t.nbytes for t in tensors)
     per_tensor_update = (s.optim.startswith("galore") and not s.galore_retain_grad) or s.opt_in_backward
-    grads = largest_grad if per_tensor_update else trainable_bytes
+    # The LM head's gradient (when trained) exists from the first backward step on. A tied embedding
+    # receives a second full-size gradient at the very end, added in place into the LM head's.
+    head = a.vocab * a.hidden * _unquantized_bytes(s) if _head_trained(a, s) else 0.0
+    tied_extra = head if (a.tied and s.lora_r is None) else 0.0
+    if per_tensor_update:  # the optimizer steps each tensor inside backward and frees its gradient
+        grads = max(t.numel * t.nbytes for t in tensors)
+    else:
+        grads = trainable_bytes + tied_extra
 
     acts = _activation_phases(a, s)
     activations = max(acts.values())
     static = weights + adapter + states
     if per_tensor_update:
-        # the optimizer steps each tensor inside backward and frees its gradient right away
         dynamic = activations + grads + step_temp
     else:
         # Gradients reach full size at the end of backward, after the activation peak, unless
-        # gradient accumulation keeps earlier micro-batches' gradients alive throughout. The LM
-        # head's gradient (when trained) exists from the first backward step on; a tied embedding
-        # gets a second full-size gradient at the very end, added into the LM head's.
-        head = a.vocab * a.hidden * _unquantized_bytes(s) if _head_trained(a, s) else 0.0
+        # gradient accumulation keeps earlier micro-batches' gradients alive throughout.
         early = trainable_bytes if s.grad_accum > 1 else 0.0
-        tied_extra = head if (a.tied and s.lora_r is None) else 0.0
         dynamic = max(
             max(acts["lm_fwd"], acts["lm_bwd"], acts["layer_fwd"]) + early,
             acts["layer_bwd"] + max(early, head),
