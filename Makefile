@@ -48,3 +48,5 @@ cfg: ## print the composed default config (add ARGS="model=llama-3-8b ...")
 bench: ## the benchmarks recorded in BENCHMARKS.md
 	$(PY) scripts/bench_startup.py
 	$(PY) scripts/bench_default_job.py
+	$(PY) scripts/bench_packing.py
+	$(PY) scripts/calibrate.py

@@ -103,11 +103,9 @@ def load_processor(path: str, model_cfg: Any):
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if processor.chat_template is None:
-        raise UserError(
-            f"the tokenizer of '{path}' has no chat template; use an instruct/chat model or one that ships a template."
-        )
-    return processor
+    return (
+        processor  # a missing chat template is reported by finetune.data, which knows if chat data needs one
+    )
 
 
 def _prequantized(path: str, cfg: Any):

@@ -199,8 +199,8 @@ class StepDownTrainer(SFTTrainer):
             f"({tried}): micro-batch {self._micro_batch()} sequence(s) x grad accumulation {self._grad_accum()}, "
             f"gradient checkpointing {'on' if getattr(model, 'is_activation_checkpointing', False) else 'unavailable'}, "
             f"optimizer {type(_inner(self.optimizer)).__name__}. This model does not fit this device as configured.\n"
-            f"  Re-plan: quant=4bit (QLoRA) to shrink the base weights, a smaller data.max_length "
-            f"(now {self.args.max_length}), a smaller model or a bigger GPU; add dry_run=true to see the memory plan.\n"
+            "  Re-plan: quant=4bit (QLoRA) to shrink the base weights, a smaller data.max_length, "
+            "a smaller model or a bigger GPU; add dry_run=true to see the memory plan.\n"
             f"  Last error: {error}"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import shutil
@@ -25,7 +26,11 @@ class Result:
 
 def run(cfg: Any) -> Result | None:
     schema.validate(cfg)
+    cfg = copy.deepcopy(cfg)
+    length, why = data.resolve_max_length(cfg)  # data.max_length=auto: measured on the data (tokenizer only)
     resolved = autofit.resolve(cfg)
+    if why.startswith("auto"):
+        resolved.decisions.append(("max length", str(length), why))
     plan.show(resolved)
     if cfg.dry_run:
         print(OmegaConf.to_yaml(resolved.cfg, resolve=True))
@@ -113,7 +118,7 @@ def _sft_config(cfg: Any, run_dir: Path, prec: plan.Precision):
         fp16=prec.mixed == "fp16",
         use_cpu=cfg.hw.num_gpus == 0,
         dataloader_pin_memory=cfg.hw.num_gpus > 0,
-        max_length=cfg.data.max_length,
+        **data.sft_kwargs(cfg),  # max_length, packing, padding_free
         logging_steps=cfg.train.logging_steps,
         # MoE load-balancing loss off: routers stay frozen under LoRA, and transformers 5.23's GPT-OSS
         # balancing loss fails on padded batches (shape mismatch in load_balancing_loss_func).
@@ -132,16 +137,20 @@ def _train(cfg: Any) -> Result:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import torch
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from finetune import evaluate, models
+    from finetune.oom import StepDownTrainer
 
     set_seed(cfg.seed)
     prec = plan.precision(cfg)
     path = models.weights_path(cfg.model)
     processor = models.load_processor(path, cfg.model)  # the tokenizer, or a VLM's processor
     tokenizer = getattr(processor, "tokenizer", processor)
+    data.use_chat_template(tokenizer, cfg.data)
     train_set, eval_set = data.load(cfg.data, cfg.train.eval_samples, cfg.seed)
+    # Checked and tokenized before the model loads: bad data stops the run here, with its line.
+    train_tokens, data_report = data.prepare(train_set, tokenizer, cfg.data)
+    print(data_report.summary())
     model = models.load_model(path, cfg, getattr(torch, prec.weights))
     pairs = data.scoring_pairs(eval_set, cfg.train.eval_samples)
     run_dir = _new_run_dir(cfg)  # only now: a run that cannot load leaves no folder behind
@@ -151,10 +160,10 @@ def _train(cfg: Any) -> Result:
     if before is not None:
         print(f"held-out exact match before training: {before:.0%} of {len(pairs)}")
 
-    trainer = SFTTrainer(
+    trainer = StepDownTrainer(
         model=model,
         args=_sft_config(cfg, run_dir, prec),
-        train_dataset=train_set,
+        train_dataset=train_tokens,
         processing_class=processor,
         peft_config=models.peft_config(cfg),
         callbacks=[_gpu_memory_log()] if torch.cuda.is_available() else None,
@@ -214,6 +223,8 @@ def _summary(trainer, wall: float, mean_loss: float, before, after, samples) -> 
     tokens = max((h.get("num_tokens", 0) for h in history), default=0)
     return {
         "steps": trainer.state.global_step,
+        "oom_events": trainer.oom_events,
+        "oom_overrides": trainer.oom_overrides(),
         "final_loss": losses[-1] if losses else mean_loss,  # the last logged loss
         "mean_loss": mean_loss,
         "train_tokens": int(tokens),
@@ -239,6 +250,13 @@ def _report(summary: dict, samples: list[dict], run_dir: Path) -> None:
     if summary["accuracy_after"] is not None:
         console.print(
             f"held-out exact match: {summary['accuracy_before']:.0%} before -> {summary['accuracy_after']:.0%} after"
+        )
+    if summary["oom_events"]:
+        console.print(
+            f"ran out of memory and stepped down ({', '.join(e['rung'] for e in summary['oom_events'])}); "
+            f"start the next run there: {' '.join(summary['oom_overrides'])}",
+            highlight=False,
+            soft_wrap=True,
         )
     console.print(
         f"{summary['steps']} steps in {summary['wall_seconds']:.0f}s, final loss {summary['final_loss']}, "

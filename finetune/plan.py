@@ -234,10 +234,13 @@ def as_json(p: Any, table: dict) -> dict:
 
 
 def _plan_job(cfg: Any, output: str, chart: str | None) -> None:
-    from finetune import autofit, schema
+    from finetune import autofit, data, schema
 
     schema.validate(cfg)
+    length, why = data.resolve_max_length(cfg, planning=True)
     p = autofit.resolve(cfg)
+    if why.startswith("auto"):
+        p.decisions.append(("max length", str(length), why))
     table = methods(cfg)
     if output == "json":
         print(json.dumps(as_json(p, table), indent=2))

@@ -88,12 +88,39 @@ class HardwareConfig:
 
 
 @dataclass
+class DataColumns:
+    """Your column names for the fields finetune reads (null: the standard name)."""
+
+    messages: str | None = None  # a conversation: OpenAI role/content or ShareGPT from/value
+    conversations: str | None = None  # ShareGPT
+    instruction: str | None = None  # Alpaca: instruction, input, output, system
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+    images: str | None = None  # VLM: image file paths
+
+
+@dataclass
 class DataConfig:
-    name: str = "demo"  # demo | file
-    path: str | None = None
+    name: str = "demo"  # demo | file | hub
+    path: str | None = None  # file: a file or folder; hub: a dataset id
+    format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_completion | text
+    columns: DataColumns = field(default_factory=DataColumns)
+    subset: str | None = None  # hub: the dataset's configuration name
+    split: str = "train"  # hub (and saved datasets): the split to train on
+    eval_split: str | None = None  # hub: a split to score on, instead of eval_fraction
+    eval_path: str | None = None  # file: a file or folder to score on, instead of eval_fraction
     num_train: int = 400  # demo only: generated training examples
-    eval_fraction: float = 0.05  # file only: share held out for scoring
-    max_length: int = 1024
+    eval_fraction: float = 0.05  # share held out for scoring when no eval file/split is given
+    max_length: Any = 1024  # tokens per example: int, or auto (from the data's lengths)
+    overlong: str = "truncate"  # truncate | drop: examples longer than max_length
+    chat_template: str | None = None  # null: the tokenizer's own; chatml | llama-3 | gemma | phi-3 | .jinja
+    train_on_prompt: bool = False  # false: loss on assistant turns / the completion only
+    packing: bool = False  # true: pack several examples into each max_length row
+    padding_free: Any = "auto"  # true | false | auto (on with flash_attention_2)
 
 
 @dataclass
@@ -140,14 +167,15 @@ QUANT = ("auto", "none", "8bit", "4bit")
 QUANT_4BIT_TYPES = ("nf4", "fp4")
 # Our optimizer names -> transformers' `optim` names.
 OPTIMIZERS = {
-    "adamw": "adamw_torch",
+    "adamw": "adamw_torch_fused",  # fused kernel: faster, and no state-sized temporary per step
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
     "adafactor": "adafactor",
     "galore": "galore_adamw",
     "galore_8bit": "galore_adamw_8bit",
 }
-DATA_SOURCES = ("demo", "file")
+DATA_SOURCES = ("demo", "file", "hub")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 # Names other tools use for our keys: a user coming from them gets pointed at ours.
 KNOWN_ALIASES = {
@@ -273,10 +301,18 @@ def validate(cfg: Any) -> None:
             f"hw.gpu_memory_gb={hw.gpu_memory_gb} must be positive for a GPU (hw.num_gpus={hw.num_gpus})."
         )
 
+    _one_of(e, "data.format", d.format, DATA_FORMATS)
+    _one_of(e, "data.overlong", d.overlong, ("truncate", "drop"))
     if d.name == "file" and not d.path:
-        e.append("data=file needs data.path=<your .jsonl/.json/.csv/.parquet file>.")
-    if d.max_length < 8:
+        e.append("data=file needs data.path=<your .jsonl/.json/.csv/.parquet file, or a folder of them>.")
+    if d.max_length != AUTO and (isinstance(d.max_length, bool) or not isinstance(d.max_length, int)):
+        e.append(f"data.max_length={d.max_length} must be a whole number of tokens, or auto.")
+    elif d.max_length != AUTO and d.max_length < 8:
         e.append(f"data.max_length={d.max_length} is too short to hold a prompt and an answer (use >= 64).")
+    if d.padding_free not in (True, False, AUTO):
+        e.append(f"data.padding_free={d.padding_free} must be true, false or auto.")
+    elif d.packing and d.padding_free is False:
+        e.append("data.packing=true packs examples into padding-free rows: drop data.padding_free=false.")
     if not 0 <= d.eval_fraction < 1:
         e.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
     if d.num_train < 1:
