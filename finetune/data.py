@@ -1219,16 +1219,9 @@ def _print(info: dict, report: Report) -> None:
 
 def main() -> None:
     """Hydra composes the config exactly as for training; example= and format= are this command's own."""
-    from finetune.errors import run_cli
+    from finetune.errors import own_args, run_cli
 
-    own = {"example": "0", "format": "table"}
-    rest = []
-    for arg in sys.argv[1:]:
-        key, sep, value = arg.partition("=")
-        if sep and key in own:
-            own[key] = value
-        else:
-            rest.append(arg)
+    own = own_args({"example": "0", "format": "table"})
     if own["format"] not in ("table", "json") or not own["example"].isdigit():
         hint = (
             f" (the data's format is data.format={own['format']})" if own["format"] in FORMAT_COLUMNS else ""
@@ -1239,7 +1232,6 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    sys.argv = [sys.argv[0], *rest]
     run_cli(lambda cfg: _inspect(cfg, own["format"], int(own["example"])))
 
 

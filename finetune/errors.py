@@ -117,3 +117,17 @@ def run_cli(job: Callable[[typing.Any], None]) -> None:
         if raw or message is None:
             raise
         _fail(message)
+
+
+def own_args(defaults: dict[str, str | None]) -> dict[str, str | None]:
+    """Take this command's own `key=value` arguments (format=, chart=, ...) out of sys.argv, so Hydra
+    composes the rest exactly as for training. Returns the defaults updated with what was given."""
+    own, rest = dict(defaults), []
+    for arg in sys.argv[1:]:
+        key, sep, value = arg.partition("=")
+        if sep and key in own:
+            own[key] = value
+        else:
+            rest.append(arg)
+    sys.argv = [sys.argv[0], *rest]
+    return own

@@ -256,20 +256,12 @@ def _plan_job(cfg: Any, output: str, chart: str | None) -> None:
 
 def main() -> None:
     """Hydra composes the config exactly as for training; format= and chart= are this command's own."""
-    from finetune.errors import run_cli
+    from finetune.errors import own_args, run_cli
 
-    own = {"format": "table", "chart": None}
-    rest = []
-    for arg in sys.argv[1:]:
-        key, sep, value = arg.partition("=")
-        if sep and key in own:
-            own[key] = value
-        else:
-            rest.append(arg)
+    own = own_args({"format": "table", "chart": None})
     if own["format"] not in ("table", "json"):
         print(f"finetune: error: format={own['format']} must be table or json.", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0], *rest]
     run_cli(lambda cfg: _plan_job(cfg, own["format"], own["chart"]))
 
 

@@ -21,36 +21,51 @@ CHATML = (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build_tiny_model(folder: Path, arch: str = "qwen2", **arch_kwargs) -> Path:
-    """A 2-layer chat model with a byte-level BPE tokenizer trained on the demo task, saved to `folder`."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+# The tiny models' widths: big enough for real attention and MLP code paths, trains in seconds.
+TINY_DIMS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
-    train, held_out = demo_examples(200, 20, seed=0)
-    corpus = [ex["prompt"][0]["content"] + " " + ex["completion"][0]["content"] for ex in train + held_out]
-    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+def bpe_tokenizer(corpus: list[str], specials: list[str], vocab_size: int, **special_tokens):
+    """A byte-level BPE tokenizer trained on `corpus` in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok.train_from_iterator(
-        corpus + ["user assistant system"] * 20,
-        trainers.BpeTrainer(
-            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
+        corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
+
+
+def build_tiny_model(folder: Path, arch: str = "qwen2", **arch_kwargs) -> Path:
+    """A 2-layer chat model with a byte-level BPE tokenizer trained on the demo task, saved to `folder`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    train, held_out = demo_examples(200, 20, seed=0)
+    corpus = [ex["prompt"][0]["content"] + " " + ex["completion"][0]["content"] for ex in train + held_out]
+    tokenizer = bpe_tokenizer(
+        corpus + ["user assistant system"] * 20,
+        ["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        400,
+        pad_token="<|pad|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
     )
     tokenizer.chat_template = CHATML
     config = AutoConfig.for_model(
         arch,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -67,11 +82,9 @@ def build_tiny_model(folder: Path, arch: str = "qwen2", **arch_kwargs) -> Path:
 def build_tiny_vlm(folder: Path) -> Path:
     """A 2-layer Qwen2-VL (vision tower of one block) with its processor, saved to `folder`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         AutoConfig,
         AutoModelForImageTextToText,
-        PreTrainedTokenizerFast,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
@@ -86,17 +99,10 @@ def build_tiny_vlm(folder: Path) -> Path:
         "<|image_pad|>",
         "<|video_pad|>",
     ]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
+    tokenizer = bpe_tokenizer(
         ["a red square", "a blue square", "what colour is this shape", "user assistant"] * 20,
-        trainers.BpeTrainer(
-            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        specials,
+        300,
         pad_token="<|pad|>",
         eos_token="<|im_end|>",
         additional_special_tokens=specials[3:],
@@ -118,11 +124,7 @@ def build_tiny_vlm(folder: Path) -> Path:
     config = AutoConfig.for_model(
         "qwen2_vl",
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         vision_config={
             "depth": 1,
             "embed_dim": 32,
