@@ -44,6 +44,7 @@ class Plan:
     budget_gib: float
     fits: bool
     params: int
+    active_params: int  # per token: differs from params for mixtures of experts and VLMs
     tokens_per_second: float | None  # None where the hardware's FLOP/s are unknown (CPU)
 
 
@@ -81,6 +82,17 @@ def settings(cfg: Any, **pick: Any) -> memory.Settings:
     )
 
 
+def active_params(arch: dict) -> int:
+    """Parameters one token multiplies through: not the idle experts of a mixture of experts, not the
+    vision tower (it runs per image), not an untied embedding table (a lookup). gpt-oss-20b: 3.6B."""
+    counts = memory.count_params(arch)
+    text = arch.get("text_config", arch)
+    experts = text.get("num_local_experts") or text.get("num_experts") or 0
+    idle = counts.experts * (1 - text.get("num_experts_per_tok", 0) / experts) if experts else 0
+    lookup = counts.embeddings if counts.lm_head else 0  # tied: the same matrix is the LM head
+    return round(counts.total - counts.vision - idle - lookup)
+
+
 def tokens_per_second(arch: dict, s: memory.Settings, hw: Any, relative: bool = False) -> float | None:
     """Training throughput from FLOPs per token and the GPU's rate (see the constants above).
 
@@ -90,11 +102,8 @@ def tokens_per_second(arch: dict, s: memory.Settings, hw: Any, relative: bool = 
     """
     if hw.tflops <= 0 and not relative:
         return None
-    counts = memory.count_params(arch)
     text = arch.get("text_config", arch)
-    experts = text.get("num_local_experts") or text.get("num_experts") or 0
-    idle_experts = counts.experts * (1 - text.get("num_experts_per_tok", 0) / experts) if experts else 0
-    active = counts.total - counts.embeddings - counts.vision - idle_experts
+    active = active_params(arch)
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     attention = 2 * text["num_hidden_layers"] * s.seq_len * heads * head_dim  # QK^T and AV, causal half
@@ -191,10 +200,11 @@ def resolve(cfg: Any) -> Plan:
         cfg.batch.effective = pick["size"] * pick["accum"] * max(cfg.hw.num_gpus, 1)
 
     speed = tokens_per_second(arch, settings(cfg, **pick), cfg.hw)
-    counts = memory.count_params(arch)
     why = _reasons(before, pick, fits, budget, est)
     decisions = [("hardware", cfg.hw.name, hw_reason), *why]
-    return Plan(cfg, decisions, est, budget, fits, counts.total, speed)
+    return Plan(
+        cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed
+    )
 
 
 def _reasons(

@@ -77,7 +77,10 @@ def rows(p: Any) -> list[tuple[str, str, str]]:
     c = p.cfg
     m, lo, o, d, t = c.model, c.lora, c.optim, c.data, c.train
     prec = precision(c)
-    out = [("model", m.name_or_path, f"{p.params / 1e9:.2f}B parameters"), *p.decisions[:1]]
+    size = f"{p.params / 1e9:.2f}B parameters"
+    if p.active_params < 0.7 * p.params:  # a mixture of experts
+        size += f", {p.active_params / 1e9:.2f}B active per token"
+    out = [("model", m.name_or_path, size), *p.decisions[:1]]
     out.append(("precision", prec.weights, prec.why))
     if lo.enabled:
         targets = lo.target_modules if lo.target_modules is not None else m.lora_target_modules
@@ -221,7 +224,12 @@ def as_json(p: Any, table: dict) -> dict:
     settings["model"] = {k: v for k, v in resolved["model"].items() if k != "arch"}
     settings["precision"] = precision(c).weights
     return {
-        "model": {"name": c.model.name, "name_or_path": c.model.name_or_path, "params": p.params},
+        "model": {
+            "name": c.model.name,
+            "name_or_path": c.model.name_or_path,
+            "params": p.params,
+            "active_params": p.active_params,
+        },
         "settings": settings,
         "decisions": [{"setting": s, "value": v, "why": w} for s, v, w in p.decisions],
         "estimate": {k: round(v, 3) for k, v in p.estimate.as_dict().items()},

@@ -106,3 +106,11 @@ def test_make_presets_print_a_plan_that_fits_without_a_gpu(preset, gpu):
     assert result.returncode == 0, result.stderr
     assert "No GPU on this machine: printing the plan" in result.stdout
     assert f"on {gpu}" in result.stdout and "fits (90% of the device" in result.stdout
+
+
+def test_mixture_of_experts_plans_total_and_active_parameters():
+    p = autofit.resolve(compose(["model=gpt-oss-20b", "hw=a6000"]))
+    assert round(p.params / 1e9, 1) == 20.9 and round(p.active_params / 1e9, 1) == 3.6  # OpenAI's model card
+    assert "3.61B active per token" in dict((r[0], r[2]) for r in plan.rows(p))["model"]
+    dense = autofit.resolve(compose(["model=llama-3-8b", "hw=a6000"]))
+    assert dense.active_params == dense.params - 128256 * 4096  # all but the untied embedding lookup
