@@ -213,7 +213,7 @@ def _reasons(
     def why(key: str, auto_reason: str) -> str:
         return auto_reason if before[key] == AUTO else "set by you or a config file: kept as is"
 
-    verdict = "fits" if fits else "nothing fits"
+    verdict = "fits" if fits else "comes closest (nothing fits)"
     rows = [
         (
             "quantization",
@@ -258,10 +258,10 @@ def require_fit(p: Plan, original: Any) -> None:
     arch = plan.model_arch(original.model)
     gpu = smallest_gpu(original, arch)
     where = (
-        f"the smallest preset GPU that fits is hw={gpu}"
+        f"The smallest preset GPU that fits is hw={gpu}"
         if gpu
         else (
-            "no single preset GPU fits: it needs sharding across GPUs (not supported yet) or a smaller model"
+            "No single preset GPU fits: it needs sharding across GPUs (not supported yet) or a smaller model"
         )
     )
     levers = (

@@ -155,9 +155,9 @@ def test_nothing_fits_names_estimate_budget_and_smallest_gpu():
     with pytest.raises(UserError) as err:
         autofit.require_fit(p, cfg)
     message = str(err.value)
-    assert "GiB per device but t4 allows" in message and "smallest preset GPU that fits is hw=" in message
+    assert "GiB per device but t4 allows" in message and "The smallest preset GPU that fits is hw=" in message
     huge = compose([*REAL_DATA, "model=llama-3-70b", "hw=t4", "lora=none", "quant=none"])
-    with pytest.raises(UserError, match="no single preset GPU fits"):
+    with pytest.raises(UserError, match="No single preset GPU fits"):
         autofit.require_fit(autofit.resolve(huge), huge)
 
 
