@@ -76,7 +76,7 @@ def settings(cfg: Any, **pick: Any) -> memory.Settings:
         seq_len=cfg.data.max_length,
         grad_accum=pick["accum"],
         grad_ckpt=pick["ckpt"],
-        attn=cfg.model.attn_implementation,
+        attn=attention(cfg),
         dtype=plan.precision(cfg).weights,
         loss_impl="fused",  # TRL's SFTTrainer computes the loss in chunks: the full logits never exist
     )
@@ -176,10 +176,32 @@ def _resolve_hw(cfg: Any) -> str:
     return f"detected: {found['num_gpus']} GPU(s), {found['gpu_memory_gb']:g} GiB free each"
 
 
+def attention(cfg: Any) -> str:
+    """model.attn_implementation, with auto as FlashAttention-2 where the GPU and the installed
+    kernels have it, else PyTorch's SDPA."""
+    if cfg.model.attn_implementation != AUTO:
+        return cfg.model.attn_implementation
+    return "flash_attention_2" if cfg.hw.flash_attention and hardware.has_flash_attn() else "sdpa"
+
+
+def _resolve_attention(cfg: Any) -> tuple[str, str, str] | None:
+    if cfg.model.attn_implementation != AUTO:
+        return None
+    cfg.model.attn_implementation = attention(cfg)
+    if cfg.model.attn_implementation == "flash_attention_2":
+        why = "the GPU supports FlashAttention-2 and flash-attn is installed"
+    elif cfg.hw.flash_attention:
+        why = "PyTorch SDPA: the GPU supports FlashAttention-2 but the flash-attn package is not installed"
+    else:
+        why = "PyTorch SDPA: no FlashAttention-2 on this hardware"
+    return ("attention", cfg.model.attn_implementation, f"auto: {why}")
+
+
 def resolve(cfg: Any) -> Plan:
     """A copy of `cfg` with every `auto` filled, the reasons, and the memory estimate."""
     cfg = copy.deepcopy(cfg)
     hw_reason = _resolve_hw(cfg)
+    attention = _resolve_attention(cfg)
     arch = plan.model_arch(cfg.model)
     budget = budget_gib(cfg.hw)
     pick, est, fits = _search(cfg, arch, budget)
@@ -201,7 +223,7 @@ def resolve(cfg: Any) -> Plan:
 
     speed = tokens_per_second(arch, settings(cfg, **pick), cfg.hw)
     why = _reasons(before, pick, fits, budget, est)
-    decisions = [("hardware", cfg.hw.name, hw_reason), *why]
+    decisions = [("hardware", cfg.hw.name, hw_reason), *why, *([attention] if attention else [])]
     return Plan(
         cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed
     )

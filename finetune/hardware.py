@@ -55,12 +55,13 @@ def detect() -> dict[str, Any]:
         "gpu_memory_gb": round(free, 2),
         "compute_capability": capability,
         "bf16": torch.cuda.is_bf16_supported(),
-        "flash_attention": capability >= 8.0 and _has_flash_attn(),
+        "flash_attention": capability >= 8.0,
         "tflops": known.get("tflops", 0.0),
     }
 
 
-def _has_flash_attn() -> bool:
+def has_flash_attn() -> bool:
+    """Is the flash-attn package installed (FlashAttention-2 kernels for transformers)?"""
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None

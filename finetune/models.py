@@ -149,6 +149,13 @@ def load_model(path: str, cfg: Any, dtype):
         )
     except OSError as err:
         raise _missing_weights(path, err) from err
+    except ImportError as err:
+        if "flash" not in str(err).lower():
+            raise
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package: pip install flash-attn, "
+            "or use model.attn_implementation=sdpa."
+        ) from err
     except ValueError as err:
         if "attention implementation" not in str(err):
             raise

@@ -27,7 +27,7 @@ class ModelConfig:
     name_or_path: str = MISSING  # hub id or local folder (a folder with only config.json plans)
     gguf_file: str | None = None  # "<pip distribution>:<path inside it>" of a GGUF checkpoint
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     arch: dict[str, Any] = field(default_factory=dict)  # config.json numbers, for offline planning
@@ -162,7 +162,7 @@ class _PackagedConfigs(SearchPathPlugin):
 Plugins.instance().register(_PackagedConfigs)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANT = ("auto", "none", "8bit", "4bit")
 QUANT_4BIT_TYPES = ("nf4", "fp4")
 # Our optimizer names -> transformers' `optim` names.

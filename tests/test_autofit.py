@@ -195,3 +195,21 @@ def test_plan_chart_is_written(tmp_path):
     result = run_cli("model=llama-7b", "hw=rtx4090", f"chart={out}", module="finetune.plan")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_auto_uses_flash_attention_only_where_it_can_run(monkeypatch):
+    from finetune import hardware
+
+    p = _plan(["model=qwen2.5-7b", "hw=t4"])
+    assert p.cfg.model.attn_implementation == "sdpa"
+    monkeypatch.setattr(hardware, "has_flash_attn", lambda: False)
+    p = _plan(["model=qwen2.5-7b", "hw=a100-80gb"])
+    assert p.cfg.model.attn_implementation == "sdpa"
+    assert "flash-attn package is not installed" in dict((d[0], d[2]) for d in p.decisions)["attention"]
+    monkeypatch.setattr(hardware, "has_flash_attn", lambda: True)
+    assert _plan(["model=qwen2.5-7b", "hw=a100-80gb"]).cfg.model.attn_implementation == "flash_attention_2"
+    pinned = _plan(["model=qwen2.5-7b", "hw=a100-80gb", "model.attn_implementation=eager"])
+    assert pinned.cfg.model.attn_implementation == "eager"
+    assert (
+        _plan(["model=gpt-oss-20b", "hw=h100"]).cfg.model.attn_implementation == "eager"
+    )  # the model config pins it

@@ -31,6 +31,7 @@ def _trainer(tiny_model: Path, tmp_path: Path, *extra: str, cls=StepDownTrainer,
         "quant=none",
         "lora=r16",
         "optim=adamw",
+        "model.attn_implementation=sdpa",
         f"batch.size={BATCH}",
         f"batch.grad_accum={ACCUM}",
     ]
