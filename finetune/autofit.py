@@ -130,12 +130,13 @@ def _search(cfg: Any, arch: dict, budget: float):
     )
     optims = [cfg.optim.name] if _pinned(cfg.optim.name) else OPTIM_ORDER
     ckpts = [cfg.train.gradient_checkpointing] if _pinned(cfg.train.gradient_checkpointing) else (False, True)
+    # validate() guarantees batch.effective splits exactly into the pinned factors and the GPUs.
     if _pinned(b.size):
         sizes = [b.size]
+    elif _pinned(b.grad_accum):
+        sizes = [b.effective // (b.grad_accum * gpus)]
     else:
         sizes = [n for n in BATCH_SIZES if b.effective % (n * gpus) == 0] or [1]
-        if _pinned(b.grad_accum):
-            sizes = [n for n in sizes if n * b.grad_accum * gpus == b.effective] or sizes[-1:]
     rank = cfg.lora.r if _pinned(cfg.lora.r) else LORA_RANK
     smallest = None
     for quant in quants:
@@ -143,7 +144,7 @@ def _search(cfg: Any, arch: dict, budget: float):
             fitting = []
             for ckpt in ckpts:
                 for size in sizes:
-                    # validate() guarantees: no effective batch means both are pinned
+                    # no effective batch means both are pinned (validate)
                     accum = b.grad_accum if b.effective is None else b.effective // (size * gpus)
                     pick = {
                         "quant": quant,
@@ -201,7 +202,7 @@ def resolve(cfg: Any) -> Plan:
     """A copy of `cfg` with every `auto` filled, the reasons, and the memory estimate."""
     cfg = copy.deepcopy(cfg)
     hw_reason = _resolve_hw(cfg)
-    attention = _resolve_attention(cfg)
+    attention_row = _resolve_attention(cfg)
     arch = plan.model_arch(cfg.model)
     budget = budget_gib(cfg.hw)
     pick, est, fits = _search(cfg, arch, budget)
@@ -222,16 +223,14 @@ def resolve(cfg: Any) -> Plan:
         cfg.batch.effective = pick["size"] * pick["accum"] * max(cfg.hw.num_gpus, 1)
 
     speed = tokens_per_second(arch, settings(cfg, **pick), cfg.hw)
-    why = _reasons(before, pick, fits, budget, est)
-    decisions = [("hardware", cfg.hw.name, hw_reason), *why, *([attention] if attention else [])]
+    why = _reasons(before, pick, fits)
+    decisions = [("hardware", cfg.hw.name, hw_reason), *why, *([attention_row] if attention_row else [])]
     return Plan(
         cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed
     )
 
 
-def _reasons(
-    before: dict, pick: dict, fits: bool, budget: float, est: memory.Estimate
-) -> list[tuple[str, str, str]]:
+def _reasons(before: dict, pick: dict, fits: bool) -> list[tuple[str, str, str]]:
     def why(key: str, auto_reason: str) -> str:
         return auto_reason if before[key] == AUTO else "set by you or a config file: kept as is"
 

@@ -267,17 +267,25 @@ def validate(cfg: Any) -> None:
         e.append(
             "batch.size or batch.grad_accum is auto: set batch.effective=<global batch> (e.g. 16) to keep fixed."
         )
-    if b.effective is not None and isinstance(b.size, int) and b.size >= 1:
-        per_step = b.size * max(hw.num_gpus, 1)
+    pinned_size, pinned_accum = (
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (b.size, b.grad_accum)
+    )
+    if b.effective is not None:
+        # The effective batch must split into the pinned factors; the resolver fills the rest exactly.
+        factors = [("batch.size", b.size)] * pinned_size + [("batch.grad_accum", b.grad_accum)] * pinned_accum
+        per_step = max(hw.num_gpus, 1)
+        for _, value in factors:
+            per_step *= value
+        names = " x ".join([name for name, _ in factors] + ["GPUs"])
         if b.effective < 1 or b.effective % per_step:
             e.append(
-                f"batch.effective={b.effective} must be a positive multiple of batch.size x GPUs = {per_step} "
+                f"batch.effective={b.effective} must be a positive multiple of {names} = {per_step} "
                 f"(e.g. batch.effective={per_step * max(1, round(max(b.effective, 1) / per_step))})."
             )
-        elif isinstance(b.grad_accum, int) and per_step * b.grad_accum != b.effective:
+        elif pinned_size and pinned_accum and per_step != b.effective:
             e.append(
                 f"batch.effective={b.effective} disagrees with batch.size x batch.grad_accum x GPUs = "
-                f"{per_step * b.grad_accum}: set batch.grad_accum=auto to derive it, or drop batch.effective."
+                f"{per_step}: set batch.grad_accum=auto to derive it, or drop batch.effective."
             )
 
     if o.lr <= 0:

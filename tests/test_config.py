@@ -101,6 +101,14 @@ def test_effective_batch_derives_accumulation():
         (["quant=4bit", "lora=none"], "quantized weights cannot be trained"),
         (["optim=galore"], "use it with lora=none"),
         (["batch=8x1", "batch.effective=16"], "disagrees with batch.size x batch.grad_accum"),
+        (
+            ["data=file", "data.path=x.jsonl", "batch.grad_accum=4", "batch.effective=10"],
+            "batch.effective=10 must be a positive multiple of batch.grad_accum x GPUs = 4",
+        ),
+        (
+            ["data=file", "data.path=x.jsonl", "hw=h100", "hw.num_gpus=4", "batch.effective=6"],
+            "batch.effective=6 must be a positive multiple of GPUs = 4",
+        ),
         (["data=file", "data.path=x.jsonl", "batch.effective=null"], "set batch.effective"),
         (["batch.size=3", "batch.effective=16"], "batch.effective=16 must be a positive multiple"),
         (["quant.load_in=4bits"], "Did you mean '4bit'?"),
