@@ -25,12 +25,8 @@ class Result:
 
 
 def run(cfg: Any) -> Result | None:
-    schema.validate(cfg)
-    cfg = copy.deepcopy(cfg)
-    length, why = data.resolve_max_length(cfg)  # data.max_length=auto: measured on the data (tokenizer only)
-    resolved = autofit.resolve(cfg)
-    if why.startswith("auto"):
-        resolved.decisions.append(("max length", str(length), why))
+    cfg = copy.deepcopy(cfg)  # plan.make fills data.max_length=auto in place
+    resolved = plan.make(cfg)
     plan.show(resolved)
     if cfg.dry_run:
         print(OmegaConf.to_yaml(resolved.cfg, resolve=True))

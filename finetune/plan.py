@@ -241,14 +241,21 @@ def as_json(p: Any, table: dict) -> dict:
     }
 
 
-def _plan_job(cfg: Any, output: str, chart: str | None) -> None:
+def make(cfg: Any, planning: bool | None = None) -> Any:
+    """Validate, measure data.max_length=auto, auto-fit: the plan that training and finetune.plan
+    both print (a finetune.autofit.Plan). Fills data.max_length in `cfg` itself."""
     from finetune import autofit, data, schema
 
     schema.validate(cfg)
-    length, why = data.resolve_max_length(cfg, planning=True)
+    length, why = data.resolve_max_length(cfg, planning=planning)
     p = autofit.resolve(cfg)
     if why.startswith("auto"):
         p.decisions.append(("max length", str(length), why))
+    return p
+
+
+def _plan_job(cfg: Any, output: str, chart: str | None) -> None:
+    p = make(cfg, planning=True)
     table = methods(cfg)
     if output == "json":
         print(json.dumps(as_json(p, table), indent=2))
