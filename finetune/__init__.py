@@ -4,6 +4,7 @@
 Importing this package stays light (no torch): heavy libraries load only where a step uses them.
 """
 
+import warnings
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -11,6 +12,14 @@ __version__ = "0.1.0"
 
 class UserError(Exception):
     """A problem the user can fix: bad configuration, missing weights or data. Printed without a traceback."""
+
+
+class FinetuneWarning(UserWarning):
+    """A setting that has no effect or cannot be honoured; the CLI prints it as one line."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, FinetuneWarning, stacklevel=2)
 
 
 def config_dir() -> Path:

@@ -15,11 +15,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from finetune import UserError, hardware, memory, plan
-from finetune.schema import AUTO
+from finetune import UserError, hardware, memory, source, warn
+from finetune.schema import AUTO, FULL_LR, LORA_LR, command_line_keys, targets
 
 SAFETY_MARGIN = 0.10
 """Plan to 90% of the GPU's memory: the estimate is a model, long batches vary, other processes live."""
+CPU_RESERVE_GIB = 4.0
+"""On a CPU the plan may use total RAM less this (the OS, the shell, the data loader) and the margin:
+total, not free, memory, so the same command gives the same plan every time."""
 
 QUANT_ORDER = ("none", "8bit", "4bit")
 OPTIM_ORDER = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -46,27 +49,28 @@ class Plan:
     params: int
     active_params: int  # per token: differs from params for mixtures of experts and VLMs
     tokens_per_second: float | None  # None where the hardware's FLOP/s are unknown (CPU)
+    lr_why: str = ""  # why this learning rate, when it was auto
 
 
 def budget_gib(hw: Any) -> float:
-    """Memory the plan may use on one device: the GPU's, or the machine's free RAM on a CPU."""
+    """Memory the plan may use on one device: the GPU's, or the machine's RAM on a CPU."""
     if hw.num_gpus > 0:
         return hw.gpu_memory_gb * (1 - SAFETY_MARGIN)
     import psutil
 
-    return psutil.virtual_memory().available / 2**30 * (1 - SAFETY_MARGIN)
+    total = psutil.virtual_memory().total / 2**30
+    return max(total - CPU_RESERVE_GIB, total / 2) * (1 - SAFETY_MARGIN)
 
 
 def settings(cfg: Any, **pick: Any) -> memory.Settings:
     """The estimator's view of a config, with the candidate values in `pick`."""
     lo, q = cfg.lora, cfg.quant
-    targets = lo.target_modules if lo.target_modules is not None else cfg.model.lora_target_modules
     return memory.Settings(
         quant=pick["quant"],
         bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         double_quant=q.double_quant,
         lora_r=pick["r"] if lo.enabled else None,
-        lora_targets=tuple(targets),
+        lora_targets=tuple(targets(lo)),
         use_dora=lo.use_dora,
         lora_dropout=lo.dropout,
         optim=pick["optim"],
@@ -77,7 +81,7 @@ def settings(cfg: Any, **pick: Any) -> memory.Settings:
         grad_accum=pick["accum"],
         grad_ckpt=pick["ckpt"],
         attn=attention(cfg),
-        dtype=plan.precision(cfg).weights,
+        dtype=hardware.precision(cfg).weights,
         loss_impl="fused",  # TRL's SFTTrainer computes the loss in chunks: the full logits never exist
     )
 
@@ -168,13 +172,39 @@ def _search(cfg: Any, arch: dict, budget: float):
 
 def _resolve_hw(cfg: Any) -> str:
     if cfg.hw.name != AUTO:
-        return f"preset hw={cfg.hw.name}"
-    found = hardware.detect()
-    for key, value in found.items():
-        cfg.hw[key] = value
-    if found["num_gpus"] == 0:
-        return "detected: no GPU, planning for this machine's RAM"
-    return f"detected: {found['num_gpus']} GPU(s), {found['gpu_memory_gb']:g} GiB free each"
+        reason = f"preset hw={cfg.hw.name}"
+    else:
+        # Detection fills what the user left alone: hw.num_gpus=1 or hw.gpu_memory_gb=20 are kept.
+        from omegaconf import OmegaConf
+
+        from finetune.schema import HardwareConfig
+
+        defaults, named = OmegaConf.structured(HardwareConfig), command_line_keys()
+        found = hardware.detect()
+        kept = [k for k in found if k != "name" and (f"hw.{k}" in named or cfg.hw[k] != defaults[k])]
+        for key, value in found.items():
+            if key not in kept:
+                cfg.hw[key] = value
+        if cfg.hw.num_gpus == 0:
+            reason = "detected: no GPU, planning for this machine's RAM"
+        else:
+            reason = f"detected: {found['num_gpus']} GPU(s), {found['gpu_memory_gb']:g} GiB free each"
+        if kept:
+            reason += f" (kept yours: {', '.join(f'hw.{k}={cfg.hw[k]}' for k in kept)})"
+    if cfg.hw.bf16 and cfg.hw.compute_capability is not None and cfg.hw.compute_capability < 8.0:
+        warn(
+            f"hw.bf16=true is ignored: {cfg.hw.name} (compute capability {cfg.hw.compute_capability:g}) has no "
+            "bfloat16 math; training uses float16 with loss scaling."
+        )
+        cfg.hw.bf16 = False
+    return reason
+
+
+def _resolve_lr(cfg: Any) -> str:
+    if cfg.optim.lr != AUTO:
+        return ""
+    cfg.optim.lr = LORA_LR if cfg.lora.enabled else FULL_LR
+    return f" (auto: the {'LoRA' if cfg.lora.enabled else 'full fine-tune'} default)"
 
 
 def attention(cfg: Any) -> str:
@@ -203,7 +233,8 @@ def resolve(cfg: Any) -> Plan:
     cfg = copy.deepcopy(cfg)
     hw_reason = _resolve_hw(cfg)
     attention_row = _resolve_attention(cfg)
-    arch = plan.model_arch(cfg.model)
+    lr_why = _resolve_lr(cfg)
+    arch = source.architecture(cfg.model)
     budget = budget_gib(cfg.hw)
     pick, est, fits = _search(cfg, arch, budget)
     before = {
@@ -226,7 +257,7 @@ def resolve(cfg: Any) -> Plan:
     why = _reasons(before, pick, fits)
     decisions = [("hardware", cfg.hw.name, hw_reason), *why, *([attention_row] if attention_row else [])]
     return Plan(
-        cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed
+        cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed, lr_why
     )
 
 
@@ -276,7 +307,7 @@ def require_fit(p: Plan, original: Any) -> None:
     """Stop before loading weights when the plan does not fit, with the numbers and the way out."""
     if p.fits:
         return
-    arch = plan.model_arch(original.model)
+    arch = source.architecture(original.model)
     gpu = smallest_gpu(original, arch)
     where = (
         f"The smallest preset GPU that fits is hw={gpu}"

@@ -672,10 +672,10 @@ def use_chat_template(tokenizer, data_cfg: Any) -> None:
 
 def tokenizer_only(cfg: Any, local_only: bool = False):
     """The tokenizer for `cfg.model` without loading weights (a GGUF model: from the GGUF's metadata)."""
-    from finetune import models
+    from finetune import models, source
 
     m = cfg.model
-    if m.gguf_file:
+    if m.gguf_file and source.is_catalog(m):
         converted = models.cache_dir() / "models" / m.name
         if (converted / "tokenizer_config.json").is_file():
             return load_tokenizer(str(converted), cfg, local_only)
@@ -1037,9 +1037,9 @@ def resolve_max_length(cfg: Any, tokenizer=None, train=None, planning: bool | No
 
 def _model_limit(cfg: Any, tokenizer) -> int | None:
     """The longest sequence the model takes: its config's max_position_embeddings, else the tokenizer's."""
-    from finetune import plan
+    from finetune import source
 
-    arch = plan.model_arch(cfg.model) or {}
+    arch = source.architecture(cfg.model) or {}
     limit = (arch.get("text_config") or arch).get("max_position_embeddings")
     if not limit and tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
         limit = tokenizer.model_max_length
@@ -1232,7 +1232,17 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    run_cli(lambda cfg: _inspect(cfg, own["format"], int(own["example"])))
+    run_cli(
+        lambda cfg: _inspect(cfg, own["format"], int(own["example"])),
+        command="finetune.data",
+        summary="Check the data before training: load, check and tokenize it with the model's tokenizer "
+        "(no weights), then show counts, lengths and one example with its trained tokens marked.",
+        options={
+            "example": "N            the example to show (default 0)",
+            "format": "table|json   a report (default), or one JSON object on stdout",
+        },
+        machine_output=own["format"] == "json",
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finetune import config_dir
+from finetune import config_dir, warn
 
 
 def presets() -> list[dict]:
@@ -65,3 +66,35 @@ def has_flash_attn() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None
+
+
+@dataclass(frozen=True)
+class Precision:
+    weights: str  # dtype the base weights load in: bfloat16 | float16 | float32
+    mixed: str  # Trainer autocast: "bf16" | "fp16" | "no"
+    why: str
+
+
+def precision(cfg: Any) -> Precision:
+    """Pick the dtype from the hardware unless model.dtype pins it; warn when a pin cannot be honoured."""
+    hw, wanted = cfg.hw, cfg.model.dtype
+    if hw.num_gpus == 0:
+        if wanted not in ("auto", "float32"):
+            warn(f"model.dtype={wanted} is ignored on the CPU: training runs in float32.")
+        return Precision("float32", "no", "CPU: float32 (half precision is slow and unstable there)")
+    if wanted == "bfloat16" and not hw.bf16:
+        warn(
+            f"model.dtype=bfloat16 is ignored: {hw.name} has no bfloat16 math; using float16 with loss scaling."
+        )
+        wanted = "float16"
+    if wanted == "auto":
+        wanted = "bfloat16" if hw.bf16 else "float16"
+    if wanted == "float32":
+        return Precision("float32", "no", "pinned by model.dtype")
+    if wanted == "float16" and not cfg.lora.enabled:
+        # Trained float16 weights underflow; keep float32 masters and autocast to fp16.
+        return Precision("float32", "fp16", f"{hw.name}: fp16 autocast over float32 weights (full fine-tune)")
+    mixed = "bf16" if wanted == "bfloat16" else "fp16"
+    return Precision(
+        wanted, mixed, f"{hw.name}: {'bfloat16' if mixed == 'bf16' else 'float16 + loss scaling'}"
+    )

@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from finetune import UserError
 
 
@@ -59,8 +57,11 @@ def _convert_gguf(spec: str, target: Path) -> None:
 
 
 def weights_path(model_cfg: Any) -> str:
-    """Where from_pretrained should load: the converted GGUF cache, or name_or_path itself."""
-    if not model_cfg.gguf_file:
+    """Where from_pretrained should load: name_or_path itself, or the converted GGUF cache of the
+    catalog model (model.gguf_file is its offline copy, used only while name_or_path names it)."""
+    from finetune import source
+
+    if not model_cfg.gguf_file or not source.is_catalog(model_cfg):
         return model_cfg.name_or_path
     target = cache_dir() / "models" / model_cfg.name
     if not (target / "config.json").is_file():
@@ -172,21 +173,25 @@ def load_model(path: str, cfg: Any, dtype):
     return model
 
 
-def peft_config(cfg: Any):
+def peft_config(cfg: Any, vision: bool = False):
     """A peft LoraConfig, or None for a full fine-tune. Plain Python values only (peft#2239)."""
     if not cfg.lora.enabled:
         return None
     from peft import LoraConfig
 
-    targets = (
-        cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_target_modules
-    )
-    targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else list(targets)
+    from finetune.schema import targets
+
+    names = targets(cfg.lora)
     return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules="all-linear" if names == ["all-linear"] else names,
+        # A vision-language model's vision tower stays frozen: all-linear means the language model's layers.
+        exclude_modules=VISION_TOWER if vision and names == ["all-linear"] else None,
         use_dora=cfg.lora.use_dora,
         task_type="CAUSAL_LM",
     )
+
+
+VISION_TOWER = r".*(visual|vision_tower|vision_model|multi_modal_projector).*"

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import UserError, autofit, data, plan, schema
+from finetune import UserError, autofit, data, hardware, plan, schema
 
 
 @dataclass
@@ -38,10 +39,26 @@ def run(cfg: Any) -> Result | None:
         return None
     autofit.require_fit(resolved, cfg)
     cfg = resolved.cfg
+    _check_output_dir(cfg)
     _check_runtime(cfg)
     if cfg.run_name and (Path(cfg.output_dir) / cfg.run_name).exists():  # fail before minutes of loading
         raise UserError(f"{Path(cfg.output_dir) / cfg.run_name} already exists: choose another run_name.")
     return _train(cfg)
+
+
+def _check_output_dir(cfg: Any) -> None:
+    """output_dir must be a folder we can write, found out now and not after minutes of loading."""
+    base = Path(cfg.output_dir).expanduser()
+    if base.exists() and not base.is_dir():
+        raise UserError(f"output_dir={cfg.output_dir} is a file: give a folder for the run folders.")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"output_dir={cfg.output_dir} is not writable ({err.strerror or err}): give a folder you can write."
+        ) from None
 
 
 def _check_runtime(cfg: Any) -> None:
@@ -52,6 +69,11 @@ def _check_runtime(cfg: Any) -> None:
         raise UserError(
             f"hw={cfg.hw.name} plans for a GPU, but torch sees none on this machine. "
             "Add dry_run=true to see the plan only, or hw=cpu to train on the CPU (small models only)."
+        )
+    if cfg.model.attn_implementation == "flash_attention_2" and not hardware.has_flash_attn():
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+            "(pip install flash-attn), or use model.attn_implementation=sdpa (or auto)."
         )
     if cfg.optim.name == "galore_8bit" and not torch.cuda.is_available():
         raise UserError(
@@ -86,7 +108,7 @@ def _new_run_dir(cfg: Any) -> Path:
     raise UserError(f"could not create a new run folder under {base}.")
 
 
-def _sft_config(cfg: Any, run_dir: Path, prec: plan.Precision):
+def _sft_config(cfg: Any, run_dir: Path, prec: hardware.Precision):
     from trl import SFTConfig
 
     o = cfg.optim
@@ -138,7 +160,7 @@ def _train(cfg: Any) -> Result:
     from finetune.oom import StepDownTrainer
 
     set_seed(cfg.seed)
-    prec = plan.precision(cfg)
+    prec = hardware.precision(cfg)
     path = models.weights_path(cfg.model)
     processor = models.load_processor(path, cfg.model)  # the tokenizer, or a VLM's processor
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -161,7 +183,7 @@ def _train(cfg: Any) -> Result:
         args=_sft_config(cfg, run_dir, prec),
         train_dataset=train_tokens,
         processing_class=processor,
-        peft_config=models.peft_config(cfg),
+        peft_config=models.peft_config(cfg, vision=models.is_vision_language(path, cfg.model)),
         callbacks=[_gpu_memory_log()] if torch.cuda.is_available() else None,
     )
     start = time.perf_counter()
@@ -221,8 +243,8 @@ def _summary(trainer, wall: float, mean_loss: float, before, after, samples) -> 
         "steps": trainer.state.global_step,
         "oom_events": trainer.oom_events,
         "oom_overrides": trainer.oom_overrides(),
-        "final_loss": losses[-1] if losses else mean_loss,  # the last logged loss
-        "mean_loss": mean_loss,
+        "final_loss": round(losses[-1] if losses else mean_loss, 4),  # the last logged loss
+        "mean_loss": round(mean_loss, 4),
         "train_tokens": int(tokens),
         "tokens_per_second": round(tokens / wall, 1) if wall else None,
         "wall_seconds": round(wall, 1),

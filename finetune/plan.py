@@ -9,60 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import memory
-
-
-@dataclass(frozen=True)
-class Precision:
-    weights: str  # dtype the base weights load in: bfloat16 | float16 | float32
-    mixed: str  # Trainer autocast: "bf16" | "fp16" | "no"
-    why: str
-
-
-def precision(cfg: Any) -> Precision:
-    """Pick the dtype from the hardware unless model.dtype pins it; warn when a pin cannot be honoured."""
-    hw, wanted = cfg.hw, cfg.model.dtype
-    if hw.num_gpus == 0:
-        if wanted not in ("auto", "float32"):
-            warnings.warn(
-                f"model.dtype={wanted} is ignored on the CPU: training runs in float32.", stacklevel=2
-            )
-        return Precision("float32", "no", "CPU: float32 (half precision is slow and unstable there)")
-    if wanted == "bfloat16" and not hw.bf16:
-        warnings.warn(
-            f"model.dtype=bfloat16 is ignored: {hw.name} has no bfloat16 math; using float16 with loss scaling.",
-            stacklevel=2,
-        )
-        wanted = "float16"
-    if wanted == "auto":
-        wanted = "bfloat16" if hw.bf16 else "float16"
-    if wanted == "float32":
-        return Precision("float32", "no", "pinned by model.dtype")
-    if wanted == "float16" and not cfg.lora.enabled:
-        # Trained float16 weights underflow; keep float32 masters and autocast to fp16.
-        return Precision("float32", "fp16", f"{hw.name}: fp16 autocast over float32 weights (full fine-tune)")
-    mixed = "bf16" if wanted == "bfloat16" else "fp16"
-    return Precision(
-        wanted, mixed, f"{hw.name}: {'bfloat16' if mixed == 'bf16' else 'float16 + loss scaling'}"
-    )
-
-
-def model_arch(model_cfg: Any) -> dict:
-    """The architecture to plan for: a local folder's config.json, else the model config's numbers."""
-    if (Path(model_cfg.name_or_path).expanduser() / "config.json").is_file():
-        return memory.load_arch(model_cfg.name_or_path)
-    return (
-        OmegaConf.to_container(model_cfg.arch)
-        if OmegaConf.is_config(model_cfg.arch)
-        else dict(model_cfg.arch)
-    )
+from finetune import autofit, hardware, memory, source
+from finetune.schema import targets as lora_targets
 
 
 def seconds_per_100_steps(p: Any) -> float | None:
@@ -76,16 +28,15 @@ def rows(p: Any) -> list[tuple[str, str, str]]:
     """(setting, value, why) for the plan table of a resolved plan (finetune.autofit.Plan)."""
     c = p.cfg
     m, lo, o, d, t = c.model, c.lora, c.optim, c.data, c.train
-    prec = precision(c)
+    prec = hardware.precision(c)
     size = f"{p.params / 1e9:.2f}B parameters"
     if p.active_params < 0.7 * p.params:  # a mixture of experts
         size += f", {p.active_params / 1e9:.2f}B active per token"
     out = [("model", m.name_or_path, size), *p.decisions[:1]]
     out.append(("precision", prec.weights, prec.why))
     if lo.enabled:
-        targets = lo.target_modules if lo.target_modules is not None else m.lora_target_modules
         kind = "DoRA" if lo.use_dora else "LoRA"
-        out.append(("adapters", f"{kind} r={lo.r} alpha={lo.alpha}", ",".join(targets)))
+        out.append(("adapters", f"{kind} r={lo.r} alpha={lo.alpha}", ",".join(lora_targets(lo))))
     else:
         out.append(("adapters", "none", "full fine-tune: every weight is trained"))
     out += p.decisions[1:]
@@ -95,7 +46,7 @@ def rows(p: Any) -> list[tuple[str, str, str]]:
             str(c.batch.effective),
             f"{c.batch.size} x {c.batch.grad_accum} x {max(c.hw.num_gpus, 1)} GPU(s)",
         ),
-        ("learning rate", f"{o.lr:g}", f"{o.lr_scheduler}, warmup {o.warmup_ratio:g}"),
+        ("learning rate", f"{o.lr:g}", f"{o.lr_scheduler}, warmup {o.warmup_ratio:g}{p.lr_why}"),
         ("data", d.name if d.name == "demo" else str(d.path), f"max_length={d.max_length}"),
         ("length", f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs", ""),
     ]
@@ -151,9 +102,7 @@ def methods(cfg: Any) -> dict:
     """The seed guide's comparison for one model: training memory of each method with the smallest
     GPU that holds it, and inference memory at 16/8/4 bits. Micro-batch 1, gradient checkpointing,
     AdamW, the config's max_length; LoRA at the config's rank (16 when auto)."""
-    from finetune import autofit, hardware
-
-    arch = model_arch(cfg.model)
+    arch = source.architecture(cfg.model)
     r = cfg.lora.r if cfg.lora.r != "auto" else autofit.LORA_RANK
     base = {"optim": "adamw", "size": 1, "accum": 1, "ckpt": True, "r": r}
     full = OmegaConf.merge(cfg, {"lora": {"enabled": False}})
@@ -222,7 +171,7 @@ def as_json(p: Any, table: dict) -> dict:
         group: resolved[group] for group in ("quant", "lora", "batch", "optim", "hw", "data", "train")
     }
     settings["model"] = {k: v for k, v in resolved["model"].items() if k != "arch"}
-    settings["precision"] = precision(c).weights
+    settings["precision"] = hardware.precision(c).weights
     return {
         "model": {
             "name": c.model.name,
@@ -244,9 +193,11 @@ def as_json(p: Any, table: dict) -> dict:
 def make(cfg: Any, planning: bool | None = None) -> Any:
     """Validate, measure data.max_length=auto, auto-fit: the plan that training and finetune.plan
     both print (a finetune.autofit.Plan). Fills data.max_length in `cfg` itself."""
-    from finetune import autofit, data, schema
+    from finetune import data, schema
 
     schema.validate(cfg)
+    _name_the_model(cfg)
+    source.architecture(cfg.model)  # a model that cannot be read stops here, before the data is read
     length, why = data.resolve_max_length(cfg, planning=planning)
     p = autofit.resolve(cfg)
     if why.startswith("auto"):
@@ -254,11 +205,35 @@ def make(cfg: Any, planning: bool | None = None) -> Any:
     return p
 
 
+def _name_the_model(cfg: Any) -> None:
+    """Run folders and plan titles name the model trained: a model.name_or_path that is not the
+    catalog model gets its own name, unless model.name was set too."""
+    from finetune.schema import command_line_keys
+
+    if not source.is_catalog(cfg.model) and "model.name" not in command_line_keys():
+        from hydra.core.hydra_config import HydraConfig
+
+        group = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+        if group is not None and cfg.model.name == group:
+            cfg.model.name = source.display_name(cfg.model)
+    if cfg.model.gguf_file and not source.is_catalog(cfg.model) and "model.gguf_file" in command_line_keys():
+        from finetune import warn
+
+        warn(
+            f"model.gguf_file={cfg.model.gguf_file} has no effect: it is the offline copy of "
+            f"{cfg.model.arch.get('_name_or_path')}, and model.name_or_path={cfg.model.name_or_path} names another model."
+        )
+
+
 def _plan_job(cfg: Any, output: str, chart: str | None) -> None:
     p = make(cfg, planning=True)
     table = methods(cfg)
     if output == "json":
-        print(json.dumps(as_json(p, table), indent=2))
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        print(json.dumps(as_json(p, table), indent=None if sweep else 2))  # a sweep: JSON lines
     else:
         show(p)
         show_methods(p.cfg, table)
@@ -277,7 +252,17 @@ def main() -> None:
     if own["format"] not in ("table", "json"):
         print(f"finetune: error: format={own['format']} must be table or json.", file=sys.stderr)
         sys.exit(2)
-    run_cli(lambda cfg: _plan_job(cfg, own["format"], own["chart"]))
+    run_cli(
+        lambda cfg: _plan_job(cfg, own["format"], own["chart"]),
+        command="finetune.plan",
+        summary="Plan a run without loading anything: every setting and why, the memory per device, "
+        "and the memory of each method (full, LoRA, LoRA + 4/8-bit) with the smallest GPU for it.",
+        options={
+            "format": "table|json   a table (default), or one JSON object on stdout (with -m: one per line)",
+            "chart": "<file.png>     also draw the GaLore memory chart (BF16, Adafactor, 8-bit Adam, GaLore)",
+        },
+        machine_output=own["format"] == "json",
+    )
 
 
 if __name__ == "__main__":

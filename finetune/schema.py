@@ -18,19 +18,21 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import MISSING
 
-from finetune import UserError, config_dir
+from finetune import UserError, config_dir, warn
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # short name, used for run folders
     name_or_path: str = MISSING  # hub id or local folder (a folder with only config.json plans)
-    gguf_file: str | None = None  # "<pip distribution>:<path inside it>" of a GGUF checkpoint
+    # "<pip distribution>:<path inside it>": an offline GGUF copy of the catalog model (arch._name_or_path)
+    gguf_file: str | None = None
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    arch: dict[str, Any] = field(default_factory=dict)  # config.json numbers, for offline planning
+    # A catalog model's config.json numbers, for planning offline; `_name_or_path` names the model
+    # they describe, and they are used only while model.name_or_path is that model.
+    arch: dict[str, Any] = field(default_factory=dict)
 
 
 # Fields the auto-fit resolver can fill hold "auto" or a concrete value, so they are typed Any here
@@ -51,7 +53,7 @@ class LoraConfig:
     r: Any = 16  # int, or auto
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | None = None  # None: the model's lora_target_modules
+    target_modules: Any = "all-linear"  # all-linear (PEFT's rule: every linear but the LM head) or names
     use_dora: bool = False
 
 
@@ -59,13 +61,13 @@ class LoraConfig:
 class BatchConfig:
     size: Any = 8  # micro-batch per device: int, or auto
     grad_accum: Any = 1  # int, or auto (derived from effective)
-    effective: int | None = None  # global batch, kept fixed when size or grad_accum is auto
+    effective: int | None = 16  # global batch, kept fixed when size or grad_accum is auto
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # or auto
-    lr: float = 2e-4
+    lr: Any = "auto"  # a float, or auto: LORA_LR with adapters, FULL_LR for a full fine-tune
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
@@ -174,6 +176,20 @@ OPTIMIZERS = {
     "galore": "galore_adamw",
     "galore_8bit": "galore_adamw_8bit",
 }
+# The transformers schedulers that need no arguments beyond the warmup (the others need
+# lr_scheduler_kwargs that finetune does not pass, or an eval metric).
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+LORA_LR = 2e-4  # optim.lr=auto with adapters (the QLoRA paper's and most recipes' choice)
+FULL_LR = 1e-5  # optim.lr=auto for a full fine-tune: every weight moves, so 20x smaller
+SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers' set_seed also seeds
 DATA_SOURCES = ("demo", "file", "hub")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
@@ -226,8 +242,134 @@ def _one_of(errors: list[str], key: str, value: str, allowed: tuple[str, ...] | 
         )
 
 
+def targets(lora: Any) -> list[str]:
+    """lora.target_modules as a list of names; `all-linear` may be given as a plain string."""
+    value = lora.target_modules
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value] if value is not None else ["all-linear"]
+
+
+def unknown_keys(cfg: Any, node: Any = None, prefix: str = "") -> list[str]:
+    """Keys in `cfg` that the schema does not have: `+key=` and `++key=` add them past Hydra's checks."""
+    import dataclasses
+    import typing
+
+    node = node or Config
+    hints = typing.get_type_hints(node)
+    found = []
+    for key in cfg:
+        if key not in hints:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and hasattr(cfg[key], "keys"):
+            found += unknown_keys(cfg[key], hints[key], f"{prefix}{key}.")
+    return found
+
+
+def schema_keys(full_key: str) -> list[str]:
+    """The keys the schema allows next to `full_key` (its siblings)."""
+    import dataclasses
+    import typing
+
+    node: Any = Config
+    for part in full_key.split(".")[:-1]:
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        node = hints.get(part)
+    if not dataclasses.is_dataclass(node):
+        return []
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def unknown_key(full_key: str, source: str = "") -> str:
+    """The message for a key the schema does not have, with the closest one and the allowed ones."""
+    keys = schema_keys(full_key)
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    prefix = f"{parent}." if parent else ""
+    hint = did_you_mean(full_key.rsplit(".", 1)[-1], keys)
+    if hint:
+        hint = hint.replace("'", f"'{prefix}", 1)
+    known = f" Keys{' of ' + parent if parent else ''}: {', '.join(keys)}." if keys else ""
+    return f"unknown key '{full_key}'{source}.{hint}{known}"
+
+
+def command_line_keys() -> dict[str, str]:
+    """The dotted keys named on the command line (key=, +key=, ++key=, ~key) with the values as
+    typed, when Hydra composed the config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    keys = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.partition("=")
+        if "." in key:
+            keys[key.lstrip("+~")] = value
+    return keys
+
+
+# (key, when it has no effect, why): settings of an option that is not in use.
+_INACTIVE = (
+    *(
+        (f"lora.{k}", lambda c: not c.lora.enabled, "lora=none trains every weight, with no adapters")
+        for k in ("r", "alpha", "dropout", "target_modules", "use_dora")
+    ),
+    *(
+        (
+            f"quant.{k}",
+            lambda c: c.quant.load_in in ("none", "8bit"),
+            "only 4-bit quantization uses it (quant={q})",
+        )
+        for k in ("bnb_4bit_quant_type", "double_quant")
+    ),
+    *(
+        (
+            f"optim.{k}",
+            lambda c: not c.optim.name.startswith("galore"),
+            "only optim=galore and galore_8bit use it",
+        )
+        for k in ("galore_rank", "galore_update_proj_gap", "galore_scale", "galore_layerwise")
+    ),
+    ("data.num_train", lambda c: c.data.name != "demo", "only the built-in demo data is generated"),
+    ("data.subset", lambda c: c.data.name != "hub", "only data=hub reads a dataset's subsets"),
+    ("data.eval_split", lambda c: c.data.name != "hub", "only data=hub reads splits; use data.eval_path"),
+    ("data.format", lambda c: c.data.name == "demo", "the built-in demo data has its own format"),
+    ("data.columns", lambda c: c.data.name == "demo", "the built-in demo data has its own columns"),
+    (
+        "data.eval_fraction",
+        lambda c: bool(c.data.eval_path or (c.data.name == "hub" and c.data.eval_split)),
+        "a separate eval file or split is scored instead",
+    ),
+    ("train.epochs", lambda c: c.train.max_steps > 0, "train.max_steps is set and decides the length"),
+    *(
+        (
+            f"hw.{k}",
+            lambda c: c.hw.name != AUTO and c.hw.num_gpus == 0,
+            "this plan has no GPU (hw.num_gpus=0)",
+        )
+        for k in ("gpu_memory_gb", "compute_capability", "bf16", "flash_attention", "tflops")
+    ),
+)
+
+
+def _inactive_warnings(cfg: Any) -> None:
+    """Warn about each key set (on the command line, or away from its default) that has no effect."""
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.structured(Config)
+    named = command_line_keys()
+    for key, unused, why in _INACTIVE:
+        value = OmegaConf.select(cfg, key)
+        if unused(cfg) and (key in named or value != OmegaConf.select(defaults, key)):
+            shown = named.get(key) or (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+            warn(f"{key}={shown} has no effect: {why.format(q=cfg.quant.load_in)}.")
+
+
 def validate(cfg: Any) -> None:
     """Check ranges and combinations; raise one UserError listing every problem found."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise UserError(unknown_key(unknown[0]))
+    _inactive_warnings(cfg)
     e: list[str] = []
     m, q, lo, b, o, hw, d, t = (
         cfg.model,
@@ -253,8 +395,8 @@ def validate(cfg: Any) -> None:
             e.append(f"lora.alpha={lo.alpha} must be positive (common choice: 2 * lora.r).")
         if not 0 <= lo.dropout < 1:
             e.append(f"lora.dropout={lo.dropout} must be in [0, 1).")
-        if lo.target_modules is not None and not lo.target_modules:
-            e.append("lora.target_modules is empty: name modules (e.g. [q_proj,v_proj]) or use null.")
+        if not targets(lo) or not all(targets(lo)):
+            e.append("lora.target_modules is empty: name modules (e.g. [q_proj,v_proj]) or use all-linear.")
     elif q.load_in not in ("none", AUTO):
         e.append(
             f"quant={q.load_in} with a full fine-tune (lora=none): quantized weights cannot be trained. "
@@ -288,8 +430,13 @@ def validate(cfg: Any) -> None:
                 f"{per_step}: set batch.grad_accum=auto to derive it, or drop batch.effective."
             )
 
-    if o.lr <= 0:
-        e.append(f"optim.lr={o.lr} must be positive (typical: 1e-5 full fine-tune, 2e-4 LoRA).")
+    if o.lr != AUTO and (isinstance(o.lr, bool) or not isinstance(o.lr, int | float) or o.lr <= 0):
+        e.append(f"optim.lr={o.lr} must be a positive number, or auto (2e-4 with LoRA, 1e-5 full fine-tune).")
+    if o.lr_scheduler not in SCHEDULERS:
+        e.append(
+            f"optim.lr_scheduler={o.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}."
+            f"{did_you_mean(str(o.lr_scheduler), list(SCHEDULERS))}"
+        )
     if o.weight_decay < 0:
         e.append(f"optim.weight_decay={o.weight_decay} must not be negative.")
     if not 0 <= o.warmup_ratio < 1:
@@ -302,17 +449,30 @@ def validate(cfg: Any) -> None:
         if o.galore_layerwise and b.grad_accum not in (1, AUTO):
             e.append("optim.galore_layerwise=true updates during backward: it needs batch.grad_accum=1.")
 
+    if not 0 <= cfg.seed <= SEED_MAX:
+        e.append(f"seed={cfg.seed} must be between 0 and {SEED_MAX}.")
     if hw.num_gpus < 0:
         e.append(f"hw.num_gpus={hw.num_gpus} must not be negative (0 = CPU).")
-    if hw.num_gpus > 0 and hw.gpu_memory_gb <= 0:
+    for key in ("gpu_memory_gb", "tflops", "compute_capability"):
+        value = hw[key]
+        if value is not None and value < 0:
+            e.append(f"hw.{key}={value} must not be negative.")
+    if m.attn_implementation == "flash_attention_2" and hw.name != AUTO and not hw.flash_attention:
         e.append(
-            f"hw.gpu_memory_gb={hw.gpu_memory_gb} must be positive for a GPU (hw.num_gpus={hw.num_gpus})."
+            f"model.attn_implementation=flash_attention_2 needs a GPU with FlashAttention-2 (Ampere or newer); "
+            f"hw={hw.name} has none: use model.attn_implementation=sdpa (or auto)."
         )
 
     _one_of(e, "data.format", d.format, DATA_FORMATS)
     _one_of(e, "data.overlong", d.overlong, ("truncate", "drop"))
     if d.name == "file" and not d.path:
         e.append("data=file needs data.path=<your .jsonl/.json/.csv/.parquet file, or a folder of them>.")
+    if d.name == "demo" and (d.path or d.eval_path):
+        key = "data.path" if d.path else "data.eval_path"
+        e.append(
+            f"{key}={d.path or d.eval_path} is set but data=demo (the built-in task) is selected: "
+            "add data=file to train on your file (or data=hub for a hub dataset)."
+        )
     if d.max_length != AUTO and (isinstance(d.max_length, bool) or not isinstance(d.max_length, int)):
         e.append(f"data.max_length={d.max_length} must be a whole number of tokens, or auto.")
     elif d.max_length != AUTO and d.max_length < 8:
@@ -337,5 +497,7 @@ def validate(cfg: Any) -> None:
     if t.eval_samples < 0:
         e.append(f"train.eval_samples={t.eval_samples} must not be negative (0 skips scoring).")
 
+    if len(e) == 1:
+        raise UserError(e[0])
     if e:
-        raise UserError("invalid configuration:\n  - " + "\n  - ".join(e))
+        raise UserError(f"{len(e)} problems in the configuration:\n  - " + "\n  - ".join(e))

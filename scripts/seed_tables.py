@@ -81,7 +81,7 @@ def main() -> None:
         )
         table = plan.methods(cfg)
         t = table["training"]
-        params = plan.memory.count_params(plan.model_arch(cfg.model)).total / 1e9
+        params = plan.memory.count_params(plan.source.architecture(cfg.model)).total / 1e9
         row = [cell(t[k]["gib"], s) for k, s in zip(("full", "lora", "lora_4bit", "lora_8bit"), seed[:4])]
         lines.append(
             f"| {model} | {params:.1f}B | {' | '.join(row)} | {t['lora_4bit']['smallest_gpu']} ({seed[4]}) |"

@@ -160,11 +160,11 @@ def tiny_overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
         "model.name=test-tiny",
         f"model.name_or_path={model_dir}",
-        "model.gguf_file=null",
         f"output_dir={out}",
         "train.max_steps=2",
         "train.eval_samples=4",
         "batch.size=2",
+        "batch.grad_accum=1",
         "batch.effective=null",
         "data.num_train=16",
         *extra,

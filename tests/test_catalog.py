@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
-from finetune import autofit, config_dir, memory, plan, schema
+from finetune import autofit, config_dir, memory, plan, schema, source
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
@@ -78,7 +78,7 @@ def test_catalog_covers_the_seed_documents_and_popular_models():
 @pytest.mark.parametrize("model", MODELS)
 def test_model_parameter_count_matches_its_card(model):
     cfg = compose([f"model={model}"])
-    params = memory.count_params(plan.model_arch(cfg.model)).total
+    params = memory.count_params(source.architecture(cfg.model)).total
     if model in PUBLISHED:
         assert round(params / 1e9, 2) == pytest.approx(PUBLISHED[model], abs=0.011)
 

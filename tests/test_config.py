@@ -75,11 +75,27 @@ def test_model_configs_carry_hub_id_and_architecture():
             assert key in cfg.model.arch, (name, key)
 
 
-def test_demo_defaults_apply_but_command_line_wins():
-    cfg = compose([])
-    assert cfg.train.max_steps == 30 and cfg.optim.lr == 2e-3 and cfg.batch.size == 8
+def test_tuned_settings_belong_to_the_default_model_and_data():
+    cfg = compose([])  # the embedded default: tiny on demo gets its tuned schedule
+    assert cfg.train.max_steps == 30 and cfg.optim.lr == 2e-3 and cfg.batch.effective == 8
+    assert cfg.batch.size == "auto" and cfg.train.gradient_checkpointing == "auto"
     cfg = compose(["train.max_steps=7", "optim.lr=1e-4"])
     assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-4
+    cfg = compose(["batch=1x4"])  # a batch preset wins over the tuned effective batch
+    assert (cfg.batch.size, cfg.batch.grad_accum, cfg.batch.effective) == (1, 4, None)
+    for other in (["model=gemma-2-9b"], ["data=file", "data.path=x.jsonl"]):
+        cfg = compose(other)  # any other model or data: every knob stays auto
+        assert cfg.optim.lr == "auto" and cfg.train.max_steps == -1 and cfg.batch.effective == 16
+        assert cfg.batch.size == cfg.batch.grad_accum == cfg.train.gradient_checkpointing == "auto"
+
+
+def test_learning_rate_auto_suits_the_method():
+    from finetune import autofit
+
+    for overrides, lr in ((["lora=r16"], schema.LORA_LR), (["lora=none"], schema.FULL_LR)):
+        cfg = compose(["model=qwen2.5-0.5b", "hw=a100-80gb", *overrides])
+        schema.validate(cfg)
+        assert autofit.resolve(cfg).cfg.optim.lr == lr
 
 
 def test_effective_batch_derives_accumulation():
@@ -95,7 +111,7 @@ def test_effective_batch_derives_accumulation():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["optim.lr=-1"], "optim.lr=-1.0 must be positive"),
+        (["optim.lr=-1"], "optim.lr=-1 must be a positive number"),
         (["lora.r=0"], "lora.r=0 must be a whole number of at least 1"),
         (["batch.size=0"], "batch.size=0 must be a whole number of at least 1"),
         (["quant=4bit", "lora=none"], "quantized weights cannot be trained"),
@@ -129,10 +145,10 @@ def test_validation_messages(overrides, message):
         (["batch.batch_size=4"], "Did you mean 'batch.size'?"),
         (["model=qwen2.5-7"], "model=qwen2.5-7 is not a known option. Did you mean 'qwen2.5-7b'?"),
         (["lora=r12"], "lora=r12 is not a known option"),
-        (["optim.lr=fast"], "wrong value for 'optim.lr'"),
+        (["optim.lr=fast"], "optim.lr=fast must be a positive number"),
         (["batch.size=1.5"], "batch.size=1.5 must be a whole number"),
         (["train.gradient_checkpointing=maybe"], "must be true, false or auto"),
-        (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 must be a positive number"),
         (["lora.r=0"], "lora.r=0 must be a whole number of at least 1"),
         (["batch.size=0"], "batch.size=0 must be a whole number of at least 1"),
         (["quant=4bit", "lora=none"], "quantized weights cannot be trained"),
@@ -177,9 +193,11 @@ def test_every_recipe_composes_validates_and_dry_runs():
     assert names
     for name in names:
         assert "python -m finetune -cd recipes -cn " + name in (recipes / f"{name}.yaml").read_text()
-        cfg = compose(["data.path=chats.jsonl", "dry_run=true"], config_name=name, folder=recipes)
+        own_data = "override data: file" in (recipes / f"{name}.yaml").read_text()
+        extra = ["data.path=chats.jsonl"] if own_data else []
+        cfg = compose([*extra, "dry_run=true"], config_name=name, folder=recipes)
         schema.validate(cfg)
         assert pipeline.run(cfg) is None  # a dry run: plans, prints, loads nothing
-    result = run_cli("-cd", str(recipes), "-cn", names[0], "data.path=chats.jsonl", "dry_run=true")
+    result = run_cli("-cd", str(recipes), "-cn", "chat-8b-rtx4090", "data.path=chats.jsonl", "dry_run=true")
     assert result.returncode == 0, result.stderr
     assert "finetune plan" in result.stdout

@@ -383,7 +383,7 @@ def test_max_length_auto_measures_the_data_and_plans_without_it(tmp_path, tiny_m
 
 def test_padding_free_where_safe_and_packing_on_request():
     def kwargs(*overrides):
-        cfg = compose(["hw=cpu", "batch.size=4", "batch.grad_accum=2", *overrides])
+        cfg = compose(["hw=a100-80gb", "batch.size=4", "batch.grad_accum=2", *overrides])
         schema.validate(cfg)
         return data.sft_kwargs(cfg)
 

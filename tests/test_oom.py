@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import compose, tiny_overrides
 
-from finetune import UserError, data, models, pipeline, plan
+from finetune import UserError, data, hardware, models, pipeline
 from finetune.oom import StepDownTrainer, paged_adamw_8bit
 
 BATCH, ACCUM = 4, 2
@@ -47,7 +47,7 @@ def _trainer(tiny_model: Path, tmp_path: Path, *extra: str, cls=StepDownTrainer,
     }
     cfg = compose(list(overrides.values()))
     set_seed(cfg.seed)
-    prec = plan.precision(cfg)
+    prec = hardware.precision(cfg)
     processor = models.load_processor(str(tiny_model), cfg.model)
     train_set, _ = data.load(cfg.data, 0, cfg.seed)
     model = models.load_model(str(tiny_model), cfg, getattr(torch, prec.weights))
