@@ -69,8 +69,8 @@ def test_wheel_install_finds_configs(tmp_path):
     assert "name: llama-3-70b" in result.stdout
 
 
-# Imported only where installed by choice, each behind an ImportError with the pip line to run.
-OPTIONAL_IMPORTS: set[str] = set()
+# Imported only where installed by choice, each behind an ImportError with a fallback.
+OPTIONAL_IMPORTS = {"pynvml"}  # scripts/gpu_truth.py: NVML where the GPU image has it, else nvidia-smi
 
 
 def _third_party_imports() -> dict[str, set[str]]:
