@@ -119,10 +119,13 @@ class DataConfig:
     eval_fraction: float = 0.05  # share held out for scoring when no eval file/split is given
     max_length: Any = 1024  # tokens per example: int, or auto (from the data's lengths)
     overlong: str = "truncate"  # truncate | drop: examples longer than max_length
-    chat_template: str | None = None  # null: the tokenizer's own; chatml | llama-3 | gemma | phi-3 | .jinja
+    chat_template: str | None = (
+        None  # null: the tokenizer's own; chatml | llama-3 | gemma | phi-3 | alpaca | .jinja
+    )
     train_on_prompt: bool = False  # false: loss on assistant turns / the completion only
     packing: bool = False  # true: pack several examples into each max_length row
     padding_free: Any = "auto"  # true | false | auto (on with flash_attention_2)
+    empty_rows: str = "drop"  # drop | error: rows with nothing to train on (no reply, empty completion/text)
 
 
 @dataclass
@@ -465,6 +468,7 @@ def validate(cfg: Any) -> None:
 
     _one_of(e, "data.format", d.format, DATA_FORMATS)
     _one_of(e, "data.overlong", d.overlong, ("truncate", "drop"))
+    _one_of(e, "data.empty_rows", d.empty_rows, ("drop", "error"))
     if d.name == "file" and not d.path:
         e.append("data=file needs data.path=<your .jsonl/.json/.csv/.parquet file, or a folder of them>.")
     if d.name == "demo" and (d.path or d.eval_path):

@@ -14,6 +14,7 @@ import pytest
 from conftest import compose, tiny_overrides
 
 from finetune import UserError, data, schema
+from finetune.data import cli as _cli  # noqa: F401 - data.cli, the command tested in-process
 
 MESSAGES = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Convert to ISO date: May {i}, 2001"}, {"role": "assistant", "content": f"2001-05-{i:02d}"}]}
@@ -86,7 +87,7 @@ def chatml(tiny_model):
 
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
-    template = data.CHAT_TEMPLATES["llama-3"][0]
+    template = data.templates.named_template("llama-3")
     return build_tokenizer(
         tmp_path_factory.mktemp("llama3"), LLAMA3_SPECIALS, template, "<|begin_of_text|>", "<|eot_id|>"
     )
@@ -96,10 +97,8 @@ def data_cfg(*overrides: str):
     return compose(["data=file", "data.path=unused", *overrides]).data
 
 
-def trained_pieces(
-    tokenizer, row: dict, marked: str | None = None, train_on_prompt: bool = False
-) -> list[str]:
-    out = data.encode(row, tokenizer, train_on_prompt, marked)
+def trained_pieces(tokenizer, row: dict, train_on_prompt: bool = False) -> list[str]:
+    out = data.encode(row, tokenizer, train_on_prompt)
     return [
         text for text, trained in data.render_segments(out["text"], out["offsets"], out["labels"]) if trained
     ]
@@ -150,7 +149,7 @@ def test_every_format_and_file_type_checks_shows_and_trains(tmp_path, tiny_model
 
     # What `python -m finetune.data` runs (in-process here; the CLI tests below run the command itself).
     model = [f"model.name_or_path={tiny_model}", "model.gguf_file=null"]
-    data._inspect(
+    data.cli._inspect(
         compose([*model, "data=file", f"data.path={path}", "data.eval_fraction=0", "data.max_length=auto"]),
         "json",
         0,
@@ -233,6 +232,119 @@ def test_json_files_point_to_the_line_and_accept_json_lines(tmp_path):
     assert len(train) == len(TEXT) and train[2]["origin"] == f"{lines}:3"
 
 
+def test_files_as_users_have_them_bom_compressed_and_strict_utf8(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    bom = b"\xef\xbb\xbf"
+    for name, rows in (("excel.csv", ALPACA), ("bom.jsonl", MESSAGES), ("bom.json", SHAREGPT)):
+        plain = write(tmp_path / "plain" / name, rows)
+        (tmp_path / name).write_bytes(bom + plain.read_bytes())  # what Excel and Notepad save
+        train, _ = data.load(data_cfg(f"data.path={tmp_path / name}", "data.eval_fraction=0"), 0, seed=0)
+        assert len(train) == len(rows) and train[0]["messages"][-1]["role"] == "assistant", name
+    raw = write(tmp_path / "plain" / "chats.jsonl", MESSAGES).read_bytes()
+    csv = write(tmp_path / "plain" / "rows.csv", ALPACA).read_bytes()
+    for name, packed in (
+        ("chats.jsonl.gz", gzip.compress(raw)), ("chats.jsonl.zst", zstandard.ZstdCompressor().compress(raw)),
+        ("chats.jsonl.bz2", bz2.compress(raw)), ("chats.jsonl.xz", lzma.compress(raw)), ("rows.csv.gz", gzip.compress(csv)),
+    ):  # fmt: skip
+        (tmp_path / "packed" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "packed" / name).write_bytes(packed)
+        train, _ = data.load(
+            data_cfg(f"data.path={tmp_path / 'packed' / name}", "data.eval_fraction=0"), 0, seed=0
+        )
+        assert len(train) == (len(ALPACA) if "csv" in name else len(MESSAGES)), name
+        assert "csv" in name or train[1]["origin"] == f"{tmp_path / 'packed' / name}:2"
+    latin = raw.split(b"\n")
+    latin[2] = latin[2].replace(b"Be brief.", "Sois bref, très.".encode("latin-1"))
+    for name in ("latin.jsonl", "latin.csv"):
+        body = (
+            b"\n".join(latin)
+            if name.endswith("jsonl")
+            else csv.replace(b"July 3", "Juillet 3 é".encode("latin-1"))
+        )
+        (tmp_path / name).write_bytes(body)
+        line = 3 if name.endswith("jsonl") else 4
+        with pytest.raises(UserError, match=rf"{name}:{line}: not valid UTF-8 \(byte 0xe8|0xe9\)"):
+            data.load(data_cfg(f"data.path={tmp_path / name}"), 0, seed=0)
+
+
+def test_rows_with_nothing_to_train_on_are_dropped_and_counted(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    empty = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+    ]
+    path = write(tmp_path / "some.jsonl", [*MESSAGES[:3], *empty, MESSAGES[3]])
+    train, _ = data.load(data_cfg(f"data.path={path}", "data.eval_fraction=0"), 0, seed=0)
+    assert len(train) == 4 and [o.rsplit(":", 1)[1] for o in train["origin"]] == ["1", "2", "3", "6"]
+    assert (
+        f"2 examples with nothing to train on dropped (first: {path}:4: no assistant message"
+        in capsys.readouterr().err
+    )
+    cfg = data_cfg(f"data.path={path}")
+    OmegaConf.set_struct(cfg, False)
+    cfg.empty_rows = "error"  # becomes a schema key (data.empty_rows: drop | error)
+    with pytest.raises(UserError, match=f"{path}:4: no assistant message with content: nothing to train on"):
+        data.load(cfg, 0, seed=0)
+    texts = write(tmp_path / "texts.csv", [*TEXT[:2], {"text": ""}])
+    assert len(data.load(data_cfg(f"data.path={texts}", "data.eval_fraction=0"), 0, seed=0)[0]) == 2
+
+
+def test_tool_calling_files_openai_and_sharegpt(tmp_path, tiny_model):
+    from test_data_templates import tokenizer_for
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+    openai = {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees"},
+            {"role": "assistant", "content": "It is sunny."},
+        ],
+        "tools": tools,
+    }  # fmt: skip
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Rome?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Rome"}}'},
+            {"from": "observation", "value": "Rainy, 12 degrees"},
+            {"from": "gpt", "value": "It rains in Rome."},
+        ],
+        "tools": json.dumps(tools),
+    }  # fmt: skip
+    for name, row in (("openai.jsonl", openai), ("sharegpt.jsonl", sharegpt)):
+        train, _ = data.load(
+            data_cfg(f"data.path={write(tmp_path / name, [row] * 3)}", "data.eval_fraction=0"), 0, 0
+        )
+        call = train[0]["messages"][1]
+        assert call["role"] == "assistant" and call["tool_calls"][0]["function"]["arguments"]["city"] in (
+            "Paris",
+            "Rome",
+        )
+        assert (
+            train[0]["tools"][0]["function"]["name"] == "get_weather"
+            and train[0]["messages"][2]["role"] == "tool"
+        )
+        tokens, report = data.prepare(train, tokenizer_for("qwen2.5"), data_cfg("data.max_length=4096"))
+        assert report.kept == 3 and report.dropped_mask == 0
+        labels, ids = tokens[0]["labels"], tokens[0]["input_ids"]
+        text = tokenizer_for("qwen2.5").decode([t for t, label in zip(ids, labels) if label != -100])
+        assert '"get_weather"' in text and "degrees" not in text and "?" not in text
+    # The tiny model's plain ChatML has no tool support: one clear line, never a silent drop.
+    tiny = data.load_tokenizer(
+        str(tiny_model), compose([f"model.name_or_path={tiny_model}", "model.gguf_file=null"])
+    )
+    with pytest.raises(
+        UserError, match="this data has tool calls, but the chat template of .* does not render them"
+    ):
+        data.prepare(train, tiny, data_cfg("data.max_length=4096"))
+
+
 def test_image_examples_are_checked_and_kept_for_the_vision_path(tmp_path, chatml):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.png").write_bytes(b"not really a png")
@@ -270,23 +382,21 @@ CONVERSATION = {
 
 
 def test_assistant_only_loss_trains_exactly_the_assistant_spans_chatml(chatml):
-    # ChatML here is a template TRL does not know: the spans come from diffing rendered prefixes.
-    assert data._marked_template(chatml) is None
-    assert trained_pieces(chatml, CONVERSATION) == ["2001-05-01<|im_end|>\n", "1988-07-04<|im_end|>\n"]
-    out = data.encode(CONVERSATION, chatml, False, None)
+    # Real templates of released models: tests/test_data_templates.py.
+    assert trained_pieces(chatml, CONVERSATION) == ["2001-05-01<|im_end|>", "1988-07-04<|im_end|>"]
+    out = data.encode(CONVERSATION, chatml)
     trained_ids = [t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]
-    expected = chatml("2001-05-01<|im_end|>\n1988-07-04<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    expected = chatml("2001-05-01<|im_end|>1988-07-04<|im_end|>", add_special_tokens=False)["input_ids"]
     assert trained_ids == expected, "exactly the reply tokens and their end-of-turn, nothing of the prompt"
 
 
 def test_assistant_only_loss_trains_exactly_the_assistant_spans_llama3(llama3):
-    # Llama-3's template is one TRL ships a {% generation %} training variant for: both ways agree.
-    marked = data._marked_template(llama3)
-    assert marked is not None and "generation" in marked
-    expected = ["2001-05-01<|eot_id|>", "1988-07-04<|eot_id|>"]
-    assert trained_pieces(llama3, CONVERSATION, marked) == expected
-    assert trained_pieces(llama3, CONVERSATION, None) == expected
-    out = data.encode(CONVERSATION, llama3, False, marked)
+    # data.chat_template=llama-3 is TRL's copy of Meta's template, imported from TRL.
+    from trl.chat_template_utils import llama3_chat_template
+
+    assert llama3.chat_template == llama3_chat_template
+    assert trained_pieces(llama3, CONVERSATION) == ["2001-05-01<|eot_id|>", "1988-07-04<|eot_id|>"]
+    out = data.encode(CONVERSATION, llama3)
     assert (
         out["input_ids"][0] == llama3.convert_tokens_to_ids("<|begin_of_text|>") and out["labels"][0] == -100
     )
@@ -294,11 +404,11 @@ def test_assistant_only_loss_trains_exactly_the_assistant_spans_llama3(llama3):
 
 def test_completion_only_prompt_training_and_plain_text(chatml, llama3):
     row = {"prompt": CONVERSATION["messages"][:2], "completion": CONVERSATION["messages"][2:3]}
-    assert trained_pieces(chatml, row) == ["2001-05-01<|im_end|>\n"]
+    assert trained_pieces(chatml, row) == ["2001-05-01<|im_end|>"]
     assert trained_pieces(llama3, row) == ["2001-05-01<|eot_id|>"]
-    everything = data.encode(CONVERSATION, chatml, True, None)
+    everything = data.encode(CONVERSATION, chatml, True)
     assert all(label != -100 for label in everything["labels"])
-    text = data.encode({"text": "plain words"}, chatml, False, None)
+    text = data.encode({"text": "plain words"}, chatml)
     assert text["text"] == "plain words<|im_end|>" and text["labels"] == text["input_ids"]
 
 
@@ -307,12 +417,12 @@ def test_base_model_gets_a_named_template(tmp_path):
     build_tokenizer(folder, LLAMA3_SPECIALS, None, "<|begin_of_text|>", "<|eot_id|>")
     cfg = compose([f"model.name_or_path={folder}", "model.gguf_file=null"])
     with pytest.raises(UserError, match="no chat template.*data.chat_template=<chatml|llama-3"):
-        data.encode(CONVERSATION, data.tokenizer_only(cfg), False, None)
+        data.encode(CONVERSATION, data.tokenizer_only(cfg))
     tokenizer = data.tokenizer_only(
         compose([f"model.name_or_path={folder}", "model.gguf_file=null", "data.chat_template=llama-3"])
     )
     assert trained_pieces(tokenizer, CONVERSATION) == ["2001-05-01<|eot_id|>", "1988-07-04<|eot_id|>"]
-    with pytest.warns(UserWarning, match="<|im_start|>, <|im_end|> are not tokens of this tokenizer"):
+    with pytest.warns(UserWarning, match=r"<\|im_end\|>, <\|im_start\|> are not tokens of this tokenizer"):
         data.use_chat_template(tokenizer, compose(["data.chat_template=chatml"]).data)
     with pytest.raises(
         UserError, match="data.chat_template=lama-3 is not a known template. Did you mean 'llama-3'"
@@ -382,13 +492,13 @@ def test_max_length_auto_measures_the_data_and_plans_without_it(tmp_path, tiny_m
 
 
 def test_padding_free_where_safe_and_packing_on_request():
-    def kwargs(*overrides):
-        cfg = compose(["hw=a100-80gb", "batch.size=4", "batch.grad_accum=2", *overrides])
+    def kwargs(*overrides, hw="cpu"):
+        cfg = compose([f"hw={hw}", "batch.size=4", "batch.grad_accum=2", *overrides])
         schema.validate(cfg)
         return data.sft_kwargs(cfg)
 
     assert kwargs() == {"max_length": 64, "packing": False, "padding_free": False}
-    assert kwargs("model.attn_implementation=flash_attention_2") == {
+    assert kwargs("model.attn_implementation=flash_attention_2", hw="a100-80gb") == {
         "max_length": None,
         "packing": False,
         "padding_free": True,
@@ -457,12 +567,12 @@ def test_cli_reports_counts_lengths_and_a_marked_example(tmp_path, tiny_model):
     write(folder / "c.csv", ALPACA)
     model = [f"model.name_or_path={tiny_model}", "model.gguf_file=null"]
     result = cli(
-        "data=file", f"data.path={folder}", "data.max_length=32", "data.eval_fraction=0", *model, "example=0"
+        "data=file", f"data.path={folder}", "data.max_length=64", "data.eval_fraction=0", *model, "example=0"
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "20 train, 0 held out" in out and "loss on assistant turns" in out
-    assert "tokens per example: p50" in out and "max_length: 32 (set by you" in out
+    assert "tokens per example: p50" in out and "max_length: 64 (set by you" in out
     assert "over max_length:" in out and "truncated" in out
     assert f"example 0 ({folder / 'a.jsonl'}:1)" in out and "[[2001-05-01<|im_end|>" in out
     shown = out.split("trained tokens between [[ and ]]\n")[1]
@@ -470,6 +580,20 @@ def test_cli_reports_counts_lengths_and_a_marked_example(tmp_path, tiny_model):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nConvert to ISO date: May 1, 2001"
     )
     assert "[[" not in shown.split("<|im_start|>assistant")[0], "the prompt is never marked trained"
+    long_first = [
+        {"messages": [{"role": "user", "content": "Convert " * 40}, {"role": "assistant", "content": "x"}]},
+        *MESSAGES,
+    ]
+    path = write(tmp_path / "long.jsonl", long_first)
+    short = cli(
+        "data=file", f"data.path={path}", "data.max_length=48", "data.eval_fraction=0", *model, "format=json"
+    )
+    assert short.returncode == 0, short.stderr
+    shown = json.loads(short.stdout)["example"]  # as training sees it: cut at max_length, the reply gone
+    assert shown["tokens"] == 48 and shown["fate"] == "dropped: truncation leaves nothing to train on"
+    assert not any(s["trained"] for s in shown["segments"]) and "2001-05-01" not in "".join(
+        s["text"] for s in shown["segments"]
+    )
     for name, fmt in (("a.jsonl", "messages"), ("b.json", "sharegpt"), ("c.csv", "alpaca")):
         assert f"{name}: " in result.stderr and f"{fmt} format" in result.stderr
 
@@ -487,7 +611,7 @@ def test_cli_reports_counts_lengths_and_a_marked_example(tmp_path, tiny_model):
     )
     assert info["report"]["kept"] == info["train_examples"] == 8 and info["example"]["trained_tokens"] > 0
     trained = "".join(s["text"] for s in info["example"]["segments"] if s["trained"])
-    assert trained.startswith("2021-03-") and trained.endswith("<|im_end|>\n")
+    assert trained.startswith("2021-03-") and trained.endswith("<|im_end|>")
 
 
 def _bad_files(root: Path) -> dict[str, tuple[list[str], list[str]]]:
@@ -509,7 +633,7 @@ def _bad_files(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     write(root / "image.jsonl", [{"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}])  # fmt: skip
     write(
         root / "nothing.jsonl",
-        [good, {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}],
+        [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}],
     )
     f = lambda name: [f"data.path={root / name}"]  # noqa: E731
     return {
@@ -519,7 +643,7 @@ def _bad_files(root: Path) -> dict[str, tuple[list[str], list[str]]]:
         "non-string message": (f("nonstring.jsonl"), [f"{root / 'nonstring.jsonl'}:2: message 1 (user) has content of type int (5)"]),
         "unknown role": (f("role.jsonl"), [f"{root / 'role.jsonl'}:3: message 2 has the role 'bot'", "Use system, user, assistant or tool"]),
         "missing image": (f("image.jsonl"), [f"{root / 'image.jsonl'}:1: image file 'photos/cat.png' not found", str(root / "photos" / "cat.png")]),
-        "nothing to train on": (f("nothing.jsonl"), [f"{root / 'nothing.jsonl'}:2: no assistant message with content: nothing to train on"]),
+        "nothing to train on": (f("nothing.jsonl"), [f"{root / 'nothing.jsonl'} holds no examples with something to train on"]),
         "hub without network": (["data=hub", "data.path=nobody/no-such-dataset"], ["cannot reach the Hugging Face Hub", "data=file data.path=<folder>"]),
     }  # fmt: skip
 
