@@ -62,7 +62,7 @@ def budget_gib(hw: Any) -> float:
     return max(total - CPU_RESERVE_GIB, total / 2) * (1 - SAFETY_MARGIN)
 
 
-def settings(cfg: Any, **pick: Any) -> memory.Settings:
+def settings(cfg: Any, arch: dict, **pick: Any) -> memory.Settings:
     """The estimator's view of a config, with the candidate values in `pick`."""
     lo, q = cfg.lora, cfg.quant
     return memory.Settings(
@@ -80,7 +80,7 @@ def settings(cfg: Any, **pick: Any) -> memory.Settings:
         seq_len=cfg.data.max_length,
         grad_accum=pick["accum"],
         grad_ckpt=pick["ckpt"],
-        attn=attention(cfg),
+        attn=attention(cfg, arch),
         dtype=hardware.precision(cfg).weights,
         loss_impl="fused",  # TRL's SFTTrainer computes the loss in chunks: the full logits never exist
     )
@@ -89,10 +89,8 @@ def settings(cfg: Any, **pick: Any) -> memory.Settings:
 def active_params(arch: dict) -> int:
     """Parameters one token multiplies through: not the idle experts of a mixture of experts, not the
     vision tower (it runs per image), not an untied embedding table (a lookup). gpt-oss-20b: 3.6B."""
-    counts = memory.count_params(arch)
-    text = arch.get("text_config", arch)
-    experts = text.get("num_local_experts") or text.get("num_experts") or 0
-    idle = counts.experts * (1 - text.get("num_experts_per_tok", 0) / experts) if experts else 0
+    counts, d = memory.count_params(arch), memory.dims(arch)
+    idle = counts.experts * (1 - d["top_k"] / d["experts"]) if d["experts"] else 0
     lookup = counts.embeddings if counts.lm_head else 0  # tied: the same matrix is the LM head
     return round(counts.total - counts.vision - idle - lookup)
 
@@ -106,11 +104,9 @@ def tokens_per_second(arch: dict, s: memory.Settings, hw: Any, relative: bool = 
     """
     if hw.tflops <= 0 and not relative:
         return None
-    text = arch.get("text_config", arch)
+    d = memory.dims(arch)
     active = active_params(arch)
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    attention = 2 * text["num_hidden_layers"] * s.seq_len * heads * head_dim  # QK^T and AV, causal half
+    attention = 2 * d["layers"] * s.seq_len * d["heads"] * d["head_dim"]  # QK^T and AV, causal half
     forward = 2 * active + attention
     backward = forward if s.lora_r is not None else 2 * forward
     flops = (forward + backward + (forward if s.grad_ckpt else 0)) * QUANT_TIME[s.quant]
@@ -158,7 +154,7 @@ def _search(cfg: Any, arch: dict, budget: float):
                         "accum": accum,
                         "r": rank,
                     }
-                    s = settings(cfg, **pick)
+                    s = settings(cfg, arch, **pick)
                     est = memory.estimate(arch, s)
                     if est.total_gib <= budget:
                         fitting.append((tokens_per_second(arch, s, cfg.hw, relative=True), pick, est))
@@ -207,20 +203,33 @@ def _resolve_lr(cfg: Any) -> str:
     return f" (auto: the {'LoRA' if cfg.lora.enabled else 'full fine-tune'} default)"
 
 
-def attention(cfg: Any) -> str:
-    """model.attn_implementation, with auto as FlashAttention-2 where the GPU and the installed
-    kernels have it, else PyTorch's SDPA."""
+def attention(cfg: Any, arch: dict) -> str:
+    """model.attn_implementation, with auto as FlashAttention-2 where the GPU, the installed kernels
+    and the model class have it, else PyTorch's SDPA where the class has it, else eager."""
     if cfg.model.attn_implementation != AUTO:
         return cfg.model.attn_implementation
-    return "flash_attention_2" if cfg.hw.flash_attention and hardware.has_flash_attn() else "sdpa"
+    supported = memory.attention_implementations(arch)
+    if cfg.hw.flash_attention and hardware.has_flash_attn() and "flash_attention_2" in supported:
+        return "flash_attention_2"
+    return "sdpa" if "sdpa" in supported else "eager"
 
 
-def _resolve_attention(cfg: Any) -> tuple[str, str, str] | None:
+def _resolve_attention(cfg: Any, arch: dict) -> tuple[str, str, str] | None:
+    supported = memory.attention_implementations(arch)
     if cfg.model.attn_implementation != AUTO:
+        if cfg.model.attn_implementation not in supported:
+            raise UserError(
+                f"model.attn_implementation={cfg.model.attn_implementation}: this model class "
+                f"({memory.describe(arch).model_type}) supports {', '.join(supported)}. Use one of them, or auto."
+            )
         return None
-    cfg.model.attn_implementation = attention(cfg)
+    cfg.model.attn_implementation = attention(cfg, arch)
     if cfg.model.attn_implementation == "flash_attention_2":
         why = "the GPU supports FlashAttention-2 and flash-attn is installed"
+    elif cfg.model.attn_implementation == "eager":
+        why = "the model class has no SDPA kernel"
+    elif cfg.hw.flash_attention and hardware.has_flash_attn():
+        why = "PyTorch SDPA: the model class has no FlashAttention-2"
     elif cfg.hw.flash_attention:
         why = "PyTorch SDPA: the GPU supports FlashAttention-2 but the flash-attn package is not installed"
     else:
@@ -228,13 +237,30 @@ def _resolve_attention(cfg: Any) -> tuple[str, str, str] | None:
     return ("attention", cfg.model.attn_implementation, f"auto: {why}")
 
 
+def _resolve_lora_dropout(cfg: Any, arch: dict) -> tuple[str, str, str] | None:
+    """PEFT puts adapters on fused expert weights as parameters, which take no dropout."""
+    if (
+        not cfg.lora.enabled
+        or targets(cfg.lora) != ["all-linear"]
+        or not memory.dims(arch)["expert_adapters"]
+    ):
+        return None
+    if cfg.lora.dropout and "lora.dropout" in command_line_keys():
+        warn(
+            f"lora.dropout={cfg.lora.dropout} is ignored: PEFT's adapters on this model's fused expert "
+            "weights take no dropout, so every adapter trains without it."
+        )
+    cfg.lora.dropout = 0.0
+    return ("lora dropout", "0", "adapters on fused expert weights (PEFT parameter LoRA) take no dropout")
+
+
 def resolve(cfg: Any) -> Plan:
     """A copy of `cfg` with every `auto` filled, the reasons, and the memory estimate."""
     cfg = copy.deepcopy(cfg)
     hw_reason = _resolve_hw(cfg)
-    attention_row = _resolve_attention(cfg)
-    lr_why = _resolve_lr(cfg)
     arch = source.architecture(cfg.model)
+    extra_rows = [row for row in (_resolve_attention(cfg, arch), _resolve_lora_dropout(cfg, arch)) if row]
+    lr_why = _resolve_lr(cfg)
     budget = budget_gib(cfg.hw)
     pick, est, fits = _search(cfg, arch, budget)
     before = {
@@ -253,9 +279,9 @@ def resolve(cfg: Any) -> Plan:
     if cfg.batch.effective is None:
         cfg.batch.effective = pick["size"] * pick["accum"] * max(cfg.hw.num_gpus, 1)
 
-    speed = tokens_per_second(arch, settings(cfg, **pick), cfg.hw)
+    speed = tokens_per_second(arch, settings(cfg, arch, **pick), cfg.hw)
     why = _reasons(before, pick, fits)
-    decisions = [("hardware", cfg.hw.name, hw_reason), *why, *([attention_row] if attention_row else [])]
+    decisions = [("hardware", cfg.hw.name, hw_reason), *why, *extra_rows]
     return Plan(
         cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed, lr_why
     )

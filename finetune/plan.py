@@ -59,6 +59,8 @@ def rows(p: Any) -> list[tuple[str, str, str]]:
             f"optimizer {e.optimizer_gib:.2f} + activations {e.activations_gib:.1f} + overhead {e.overhead_gib:.1f}",
         )
     )
+    if e.approximate:
+        out.append(("estimate", "approximate", "; ".join(e.notes)))
     verdict = "fits" if p.fits else "DOES NOT FIT"
     out.append(("budget", f"{p.budget_gib:.1f} GiB", f"{verdict} (90% of the device, a safety margin)"))
     if p.tokens_per_second:
@@ -120,22 +122,12 @@ def methods(cfg: Any) -> dict:
         ("lora_4bit", lora, "4bit"),
         ("lora_8bit", lora, "8bit"),
     ):
-        gib = memory.estimate(arch, autofit.settings(c, quant=quant, **base)).total_gib
+        gib = memory.estimate(arch, autofit.settings(c, arch, quant=quant, **base)).total_gib
         training[label] = {"gib": round(gib, 2), "smallest_gpu": smallest(gib)}
-    text = arch.get("text_config", arch)
-    heads = text["num_attention_heads"]
-    kv_cache = (
-        2
-        * text["num_hidden_layers"]
-        * text.get("num_key_value_heads", heads)
-        * (text.get("head_dim") or text["hidden_size"] // heads)
-        * 2048
-        * 2
-        / 2**30
-    )
+    kv_cache = 2 * memory.dims(arch)["kv_width"] * 2048 * 2 / 2**30  # keys and values, 16-bit
     inference = {}
     for label, quant in (("16bit", "none"), ("8bit", "8bit"), ("4bit", "4bit")):
-        weights = memory.estimate(arch, autofit.settings(lora, quant=quant, **base)).weights_gib
+        weights = memory.estimate(arch, autofit.settings(lora, arch, quant=quant, **base)).weights_gib
         inference[label] = round(weights + kv_cache + memory.CUDA_CONTEXT_GIB, 2)
     return {"training": training, "inference": inference, "assumptions": methods.__doc__.split("GPUs, ")[0]}
 
@@ -182,6 +174,8 @@ def as_json(p: Any, table: dict) -> dict:
         "settings": settings,
         "decisions": [{"setting": s, "value": v, "why": w} for s, v, w in p.decisions],
         "estimate": {k: round(v, 3) for k, v in p.estimate.as_dict().items()},
+        "estimate_approximate": p.estimate.approximate,
+        "estimate_notes": list(p.estimate.notes),
         "budget_gib": round(p.budget_gib, 3),
         "fits": p.fits,
         "tokens_per_second": p.tokens_per_second and round(p.tokens_per_second, 1),

@@ -66,7 +66,8 @@ def settings_for(row: dict, unknown_attn: str = "sdpa") -> Settings:
     optim = row["optim"]
     if optim == "adamw" and "paged_optimizer" in opts:
         optim = "paged_adamw"
-    targets = tuple(filter(None, row["lora_targets"].split(",")))
+    # the model's own module names (query_key_value, dense, fc1, ...): LoRA targets are PEFT's matching
+    targets = tuple(filter(None, (row["lora_targets_native"] or row["lora_targets"]).split(",")))
     extra = tuple(filter(None, row["lora_extra_trainable"].split(",")))
     attn = {"flash": "flash_attention_2", "eager": "eager", "sdpa": "sdpa"}.get(row["attn"], unknown_attn)
     precision = row["precision"]
@@ -106,7 +107,10 @@ def settings_for(row: dict, unknown_attn: str = "sdpa") -> Settings:
 
 def predicted(row: dict, s: Settings, archs: Path) -> float:
     """Estimate in the unit the source measured."""
-    est = estimate(load_arch(str(archs / row["arch"])), s)
+    arch = load_arch(str(archs / row["arch"]))
+    # the BERT rows fine-tune a sequence classifier (an encoder): the estimator models that head too
+    task = "sequence-classification" if arch["model_type"] == "bert" else "causal-lm"
+    est = estimate(arch, s, task=task)
     metric = row["mem_metric"]
     if metric in ("nvml", "unknown", "estimate"):
         return est.total_gib

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune.memory import GIB, Settings, _parse, estimate  # noqa: E402
+from finetune.memory import GIB, Settings, describe, estimate  # noqa: E402
 
 ARCHS = Path(__file__).resolve().parents[1] / "tests" / "archs"
 
@@ -119,7 +119,7 @@ def measure(arch: dict, s: Settings) -> dict[str, float]:
         # Architectures without an SDPA path (gpt-oss sinks, Gemma-2 soft-capping) run eager, as the
         # estimator assumes.
         attn = "sdpa" if s.attn == "flash_attention_2" else s.attn
-        config._attn_implementation = attn if _parse(arch).sdpa_supported else "eager"
+        config._attn_implementation = attn if describe(arch).sdpa_supported else "eager"
         encoder = arch["model_type"] == "bert"  # the estimator models BERT as a sequence classifier
         auto = AutoModelForSequenceClassification if encoder else AutoModelForCausalLM
         model = auto.from_config(config, dtype=dtype)

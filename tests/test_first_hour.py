@@ -259,3 +259,30 @@ def test_name_or_path_folder_trains_that_model_not_the_default(tiny_model, tmp_p
     loss = re.search(r"final loss (\S+),", result.stdout).group(1)
     assert len(loss.split(".")[-1]) <= 4, loss  # rounded for people
     assert "DeprecationWarning" not in result.stderr and "FutureWarning" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["lora.target_modules=[q_prj]"], ["q_prj names no module", "Did you mean 'q_proj'?", "gate_proj"]),
+        (["model=phi-3-mini", "lora.target_modules=[q_proj,v_proj]"], ["names no module", "qkv_proj"]),
+    ],
+)
+def test_lora_targets_name_real_modules(args, needles):
+    one_line_error(run_cli(*args, module="finetune.plan"), *needles)
+
+
+def test_all_linear_as_a_plain_string():
+    result = run_cli("lora.target_modules=all-linear", "format=json", module="finetune.plan")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["lora"]["target_modules"] == "all-linear"
+
+
+def test_unknown_and_encoder_decoder_model_types(tmp_path):
+    for name, config in (("weird", {"model_type": "frobnicator"}), ("t5", {"model_type": "t5", "d_model": 64})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    one_line_error(run_cli(f"model.name_or_path={tmp_path / 'weird'}", module="finetune.plan"), "frobnicator")
+    one_line_error(
+        run_cli(f"model.name_or_path={tmp_path / 't5'}", module="finetune.plan"), "'t5' is an encoder-decoder"
+    )

@@ -130,3 +130,5 @@ def test_wheel_ships_every_config():
     groups = {p.removeprefix("finetune.configs.") for p in packages if p.startswith("finetune.configs.")}
     on_disk = {d.name for d in (ROOT / "configs").iterdir() if d.is_dir() and any(d.glob("*.yaml"))}
     assert groups == on_disk
+    code = {".".join(f.parent.relative_to(ROOT).parts) for f in (ROOT / "finetune").rglob("__init__.py")}
+    assert code == {p for p in packages if not p.startswith("finetune.configs")}
