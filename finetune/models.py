@@ -110,19 +110,50 @@ def load_processor(path: str, model_cfg: Any):
 
 
 def _prequantized(path: str, cfg: Any):
-    """Checkpoints shipped quantized (gpt-oss: MXFP4 experts) are dequantized for training."""
+    """Checkpoints shipped quantized (gpt-oss: MXFP4 experts) are dequantized for training: MXFP4
+    kernels are inference-only. Under quant=4bit/8bit the experts are then quantized again by
+    finetune.experts, from a bf16 copy written once (bitsandbytes cannot take MXFP4 input)."""
     from transformers import Mxfp4Config
 
     config = _hf_config(path, cfg.model.trust_remote_code)
     method = (getattr(config, "quantization_config", None) or {}).get("quant_method")
     if method != "mxfp4":
         return None
-    if cfg.quant.load_in != "none":
-        raise UserError(
-            f"'{path}' ships MXFP4 expert weights, which bitsandbytes cannot quantize again. Use quant=none "
-            "(experts dequantized to bf16), or a bf16 copy of the model: model.name_or_path=<bf16 repo or folder>."
-        )
-    return Mxfp4Config(dequantize=True)  # MXFP4 kernels are inference-only: train in bf16
+    return Mxfp4Config(dequantize=True)
+
+
+def _dequantized_copy(path: str, cfg: Any) -> str:
+    """A bf16 safetensors copy of an MXFP4 checkpoint (once, in the cache), for bitsandbytes to load."""
+    from transformers import AutoModelForCausalLM
+
+    target = cache_dir() / "dequantized" / path.strip("/").replace("/", "--")
+    if (target / "config.json").is_file():
+        return str(target)
+    print(f"Dequantizing the MXFP4 experts of {path} to bf16 in {target} (once; later runs load it directly)")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype="bfloat16",
+        quantization_config=_prequantized(path, cfg),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(partial)
+        del model
+        load_processor(path, cfg.model).save_pretrained(partial)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
+
+
+def _has_fused_experts(path: str, cfg: Any) -> bool:
+    config = _hf_config(path, cfg.model.trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    return any(getattr(text, k, 0) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def load_model(path: str, cfg: Any, dtype):
@@ -130,6 +161,11 @@ def load_model(path: str, cfg: Any, dtype):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
     quantization = _prequantized(path, cfg)
+    if quantization is not None and cfg.quant.load_in != "none":
+        path, quantization = _dequantized_copy(path, cfg), None
+    # MoE on a GPU under quant: read into host memory, then finetune.experts quantizes the experts on
+    # the GPU layer by layer, so the GPU never holds the 16-bit experts of the whole model.
+    moe_via_host = cfg.quant.load_in != "none" and cfg.hw.num_gpus > 0 and _has_fused_experts(path, cfg)
     if cfg.quant.load_in == "4bit":
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -147,6 +183,7 @@ def load_model(path: str, cfg: Any, dtype):
             attn_implementation=cfg.model.attn_implementation,
             quantization_config=quantization,
             trust_remote_code=cfg.model.trust_remote_code,
+            **({"device_map": "cpu"} if moe_via_host else {}),
         )
     except OSError as err:
         raise _missing_weights(path, err) from err
@@ -170,28 +207,89 @@ def load_model(path: str, cfg: Any, dtype):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+    _experts(model, cfg, dtype, "cuda" if moe_via_host else None)
     return model
 
 
+def _experts(model, cfg: Any, dtype, device) -> None:
+    """Fused MoE experts under quant=4bit/8bit: quantized by finetune.experts, with per-expert LoRA
+    when the targets reach them."""
+    from finetune import experts
+    from finetune.memory.tensors import expert_kinds
+    from finetune.schema import targets
+
+    kinds = expert_kinds(tuple(targets(cfg.lora))) if cfg.lora.enabled else ()
+    if cfg.quant.load_in == "none":  # 16-bit experts: PEFT's parameter LoRA, as before
+        return
+    swapped = experts.swap(
+        model, cfg.quant.load_in, cfg.quant.bnb_4bit_quant_type, cfg.quant.double_quant, device
+    )
+    if device is not None:
+        import torch
+
+        torch.nn.Module.to(model, device)  # what is left: embeddings, final norm, LM head
+    if swapped and kinds:
+        experts.add_adapters(model, targets(cfg.lora), cfg.lora.r, cfg.lora.alpha, dtype)
+
+
 def peft_config(cfg: Any, vision: bool = False):
-    """A peft LoraConfig, or None for a full fine-tune. Plain Python values only (peft#2239)."""
+    """A peft LoraConfig, or None for a full fine-tune. Plain Python values only (peft#2239).
+
+    Fused expert stacks are adapted by finetune.experts, not PEFT: their names are left out here. On
+    such a model all-linear becomes the list of its Linear names without the routers, because PEFT
+    would otherwise re-target the v4 expert and router names as parameters (mlp.gate.weight): the
+    routers stay frozen, an adapted router re-routes tokens."""
     if not cfg.lora.enabled:
         return None
     from peft import LoraConfig
 
+    from finetune.memory.tensors import EXPERT_KINDS
     from finetune.schema import targets
 
     names = targets(cfg.lora)
+    everything = names == ["all-linear"]
+    dropout = cfg.lora.dropout
+    if cfg.quant.load_in == "none":  # 16-bit experts stay PEFT's (parameter LoRA), which takes no dropout
+        if everything and dropout and _linears_beside_experts(cfg) is not None:
+            from finetune import warn
+
+            warn(
+                f"lora.dropout={dropout} is not used: PEFT's adapters on this model's fused expert weights "
+                "take no dropout, so every adapter trains without it."
+            )
+            dropout = 0.0
+    elif everything:
+        names = _linears_beside_experts(cfg) or names
+    else:
+        names = [n for n in names if n.rpartition(".")[2] not in (*EXPERT_KINDS, "experts")]
+        if not names:
+            raise UserError(
+                f"lora.target_modules={targets(cfg.lora)} names only expert stacks; add an attention module "
+                "(e.g. q_proj,v_proj) or use all-linear."
+            )
     return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
+        lora_dropout=dropout,
         target_modules="all-linear" if names == ["all-linear"] else names,
         # A vision-language model's vision tower stays frozen: all-linear means the language model's layers.
-        exclude_modules=VISION_TOWER if vision and names == ["all-linear"] else None,
+        exclude_modules=VISION_TOWER if vision and everything else None,
         use_dora=cfg.lora.use_dora,
         task_type="CAUSAL_LM",
     )
+
+
+def _linears_beside_experts(cfg: Any) -> list[str] | None:
+    """On a model with fused experts: the leaf names of what all-linear adapts besides the experts and
+    routers (the estimator's reading of PEFT's own choice); None on other models."""
+    from finetune import memory, source
+    from finetune.memory import tensors
+
+    a = memory.describe(source.architecture(cfg.model))
+    if not tensors.fused_expert_layers(a):
+        return None
+    s = memory.Settings(quant=cfg.quant.load_in, lora_r=cfg.lora.r, lora_targets=("all-linear",))
+    return sorted({p.rpartition(".")[2] for p, _i, _o, mult, _n in tensors.adapted(a, s) if mult == 1})
 
 
 VISION_TOWER = r".*(visual|vision_tower|vision_model|multi_modal_projector).*"

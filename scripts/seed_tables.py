@@ -83,6 +83,16 @@ def main() -> None:
         t = table["training"]
         params = plan.memory.count_params(plan.source.architecture(cfg.model)).total / 1e9
         row = [cell(t[k]["gib"], s) for k, s in zip(("full", "lora", "lora_4bit", "lora_8bit"), seed[:4])]
+        # no single GPU holds it (Llama-3-70B full and 16-bit LoRA): the fewest A100s, per-GPU GiB
+        row = [
+            text
+            + (
+                f" → {t[k]['smallest_gpu']}, {t[k]['gpus']['per_device_gib']:.1f}/GPU"
+                if model == "llama-3-70b" and t[k].get("gpus")
+                else ""
+            )
+            for text, k in zip(row, ("full", "lora", "lora_4bit", "lora_8bit"))
+        ]
         lines.append(
             f"| {model} | {params:.1f}B | {' | '.join(row)} | {t['lora_4bit']['smallest_gpu']} ({seed[4]}) |"
         )

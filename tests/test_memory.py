@@ -104,7 +104,7 @@ def test_bad_settings_name_the_field(change, field):
 
 
 def test_unknown_lora_target_lists_the_real_names():
-    with pytest.raises(UserError, match=r"\['qproj'\].*'q_proj'"):
+    with pytest.raises(UserError, match=r"qproj names no module.*Did you mean 'q_proj'"):
         estimate(arch("llama-3-8b"), replace(Settings(), lora_targets=("qproj",)))
 
 
@@ -264,8 +264,8 @@ def test_activation_mechanisms():
 def test_moe_and_vision():
     oss = arch("gpt-oss-20b")
     q = estimate(oss, Settings(quant="4bit"))
-    # bitsandbytes quantizes nn.Linear only: gpt-oss experts (3-D tensors) stay bf16
-    assert q.weights_gib > 2 * count_params(oss)["experts"] / GIB
+    # bitsandbytes quantizes nn.Linear only; finetune.experts stores the 3-D expert stacks in NF4 too
+    assert q.weights_gib < estimate(oss, Settings()).weights_gib / 3
     mixtral = arch("mixtral-8x7b")
     attn_only = estimate(mixtral, Settings(lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")))
     all_linear = estimate(mixtral, Settings())

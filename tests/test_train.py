@@ -135,7 +135,9 @@ def test_missing_gpu_or_weights_says_what_to_do(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_mixture_of_experts_trains_attention_lora_with_frozen_experts(tmp_path):
+def test_mixture_of_experts_attention_only_lora_keeps_experts_frozen(tmp_path):
+    """Named attention targets on a MoE: experts and routers stay exactly as loaded (expert adapters
+    under all-linear are tests/test_experts.py's)."""
     from conftest import build_tiny_model
 
     moe = build_tiny_model(
@@ -148,14 +150,18 @@ def test_mixture_of_experts_trains_attention_lora_with_frozen_experts(tmp_path):
             "model=gpt-oss-20b",
             "model.name=test-moe",
             f"model.name_or_path={moe}",
-            "model.gguf_file=null",
+            "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
         )
     )
     assert cfg.model.attn_implementation == "eager"  # gpt-oss attention sinks have no SDPA kernel
     result = pipeline.run(cfg)
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trainable and all("self_attn" in n and "lora_" in n for n in trainable)
-    experts = {n: p for n, p in result.model.named_parameters() if "experts" in n or "router" in n}
+    experts = {
+        n: p
+        for n, p in result.model.named_parameters()
+        if ("experts" in n or "router" in n) and "lora" not in n
+    }
     original = _original_weights(moe)
     assert experts and all(torch.equal(p.detach(), original[_base_name(n)]) for n, p in experts.items())
     assert any(p.abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)

@@ -85,8 +85,6 @@ def dims(arch: dict) -> dict:
         "kv_width": sum(layer.count * layer.kv_dim for layer in a.layers),
         "experts": max((layer.experts for layer in moe), default=0),
         "top_k": max((layer.top_k for layer in moe), default=0),
-        # PEFT's all-linear adapts fused 3-D expert weights as parameters (one adapter per expert)
-        "expert_adapters": any(entry[3] > 1 for entry in a.all_linear),
     }
 
 

@@ -17,9 +17,11 @@ from finetune.memory.settings import DTYPE_BYTES, TRL_LOGPROB_TILE, Settings
 from finetune.memory.tensors import (
     adapted,
     adapter_bytes,
+    expert_dequant_bytes,
     expert_lora,
     head_trained,
     quantized,
+    twinned,
     unquantized_bytes,
 )
 
@@ -47,6 +49,7 @@ def phases(a: Arch, s: Settings) -> dict[str, float]:
     per_layer = [_layer(a, layer, s, adapted_names, eager, masked) for layer in a.layers]
     # bitsandbytes dequantizes a quantized weight to compute dtype for each matmul's backward
     dequant = c * max((m.in_f * m.out_f for m in a.modules if quantized(s, m)), default=0)
+    dequant = max(dequant, expert_dequant_bytes(a, s))  # finetune.experts: one expert's matrix
 
     # ---- autocast copies of fp32 weights: kept (cached) until the forward ends, and saved by
     # their matmuls, i.e. for the whole step without checkpointing
@@ -237,23 +240,30 @@ def _layer(a: Arch, L: Layer, s: Settings, names: set[str], eager: bool, masked:
 
 def _experts_saved(a: Arch, L: Layer, s: Settings, c: int, rb: int, full: bool) -> float:
     """Eager expert loop over t*k (token, expert) pairs: gate_up output and activation intermediates,
-    the expert output kept by the routing-weight multiply, the fp32 router softmax."""
+    the expert output kept by the routing-weight multiply, the fp32 router softmax. Frozen experts
+    (finetune.experts' dequantizing matmul, or a frozen 16-bit stack) keep no matmul input; trained
+    ones keep both inputs, and per-expert LoRA (x @ A then @ B, on the activations) also both A outputs."""
     if not L.experts:
         return 0.0
     h, ffn = a.hidden, L.expert_inter
-    train = full or expert_lora(a, s)
+    lora = expert_lora(a, s)
+    train = full or lora
     per_pair = c * L.expert_saved * ffn + c * h
     if train:
-        per_pair += c * (h + ffn)  # inputs of both expert matmuls, for the weight gradients
-    router_in = rb * h if train else 0  # kept for the router weight gradient
+        per_pair += c * (h + ffn)  # inputs of both expert matmuls, for the weight / A gradients
+    if lora and twinned(a, s):  # x @ A outputs of both stacks, kept by the B matmuls
+        per_pair += c * 2 * s.lora_r
+    # kept for the router weight gradient; finetune.experts' runs leave the router frozen
+    router_in = rb * h if full or (lora and not twinned(a, s)) else 0
     return L.top_k * per_pair + 8 * L.experts + router_in
 
 
 def _experts_fixed(a: Arch, L: Layer, s: Settings, rb: int) -> tuple[float, float]:
-    """PEFT folds LoRA factors into the expert stacks, W' = W + B@A (one baddbmm per stack, in the
-    weights' dtype), and the expert matmuls keep W' for backward. Backward then builds the full
-    gradient of the gate_up stack once the down stack's W' has been released."""
-    if not L.experts or not expert_lora(a, s):
+    """PEFT (16-bit runs) folds LoRA factors into the expert stacks, W' = W + B@A (one baddbmm per
+    stack, in the weights' dtype), and the expert matmuls keep W' for backward. Backward then builds
+    the full gradient of the gate_up stack once the down stack's W' has been released.
+    finetune.experts (quantized runs) never builds W'."""
+    if not L.experts or not expert_lora(a, s) or twinned(a, s):
         return 0.0, 0.0
     return rb * L.experts * 3 * a.hidden * L.expert_inter, rb * L.experts * a.hidden * L.expert_inter
 

@@ -23,6 +23,25 @@ from finetune.memory.settings import (
 )
 
 HEAD_NAMES = {"lm_head", "embed_out"}
+EXPERT_KINDS = ("gate_up_proj", "down_proj")  # the two fused 3-D stacks of a transformers-5 experts module
+
+
+ROUTERS = r".*\.(mlp|block_sparse_moe)\.(gate|router|shared_expert_gate)"
+"""MoE routers, which all-linear leaves frozen (finetune.models excludes them from PEFT's targets)."""
+
+
+def expert_kinds(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The fused expert stacks LoRA adapts (finetune.experts puts per-expert adapters on them):
+    both under all-linear or when ``experts`` is named, else the stacks named (``down_proj`` names a
+    dense MLP's Linear and the expert stack alike, as PEFT's suffix rule would)."""
+    picked = set()
+    for t in targets:
+        leaf = t.rpartition(".")[2]
+        if t == "all-linear" or leaf == "experts":
+            picked |= set(EXPERT_KINDS)
+        elif leaf in EXPERT_KINDS:
+            picked.add(leaf)
+    return tuple(k for k in EXPERT_KINDS if k in picked)
 
 
 def adapter_bytes(s: Settings) -> int:
@@ -56,20 +75,49 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def fused_expert_layers(a: Arch):
+    """Decoder layers whose routed experts are fused 3-D stacks (what finetune.experts swaps)."""
+    return [layer for layer in a.layers if layer.experts and layer.expert_fused and layer.expert_inter > 0]
+
+
+def expert_stacks(a: Arch) -> list[tuple[str, int, int, int, int]]:
+    """(kind, in, out, experts, layers) of every fused stack, as [out, in] per expert."""
+    out = []
+    for layer in fused_expert_layers(a):
+        ffn = layer.expert_inter
+        out += [
+            ("gate_up_proj", a.hidden, 2 * ffn, layer.experts, layer.count),
+            ("down_proj", ffn, a.hidden, layer.experts, layer.count),
+        ]
+    return out
+
+
+def twinned(a: Arch, s: Settings) -> bool:
+    """finetune.experts replaces the fused experts under quant=4bit/8bit (16-bit runs keep PEFT's
+    parameter LoRA on them)."""
+    return bool(fused_expert_layers(a)) and s.lora_r is not None and s.quant != "none"
+
+
 def adapted(a: Arch, s: Settings) -> list[tuple[str, int, int, int, int]]:
-    """(module pattern, in, out, rank multiple, count) of every module LoRA wraps."""
+    """(module pattern, in, out, rank multiple, count) of every module LoRA wraps. Fused expert stacks
+    get one adapter per expert from finetune.experts (rank multiple = experts), not PEFT's."""
     if s.lora_r is None:
         return []
+    import re
+
     targets = set(s.lora_targets)
     if "all-linear" in targets and a.all_linear_error:
         raise UserError(
             f"PEFT cannot apply lora.target_modules=all-linear to {a.model_type} ({a.all_linear_error}); "
             f"name the modules instead, some of {target_names(a)}"
         )
-    out = list(a.all_linear) if "all-linear" in targets else []
+    has_stacks = twinned(a, s)
+    out = []
+    if "all-linear" in targets:
+        out = [x for x in a.all_linear if not (has_stacks and (x[3] > 1 or re.fullmatch(ROUTERS, x[0])))]
     picked = {x[0] for x in out}
     named = targets - {"all-linear"}
-    hit = set()
+    hit = {t for t in named if has_stacks and expert_kinds((t,))}
     for m in a.modules:
         for t in named:
             if _matches(m.name, t):
@@ -81,13 +129,16 @@ def adapted(a: Arch, s: Settings) -> list[tuple[str, int, int, int, int]]:
     if missing:
         import difflib
 
-        names = target_names(a)
+        names = target_names(a) + (list(EXPERT_KINDS) if has_stacks else [])
         close = difflib.get_close_matches(missing[0], names, n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(
             f"lora.target_modules: {', '.join(missing)} names no module of this {a.model_type} model.{hint} "
             f"Its modules: {', '.join(names)}; or all-linear (every linear layer but the LM head)."
         )
+    if twinned(a, s):
+        kinds = expert_kinds(s.lora_targets)
+        out += [(f"experts.{kind}", i, o, e, n) for kind, i, o, e, n in expert_stacks(a) if kind in kinds]
     return out
 
 
@@ -96,8 +147,40 @@ def adapted_names(a: Arch, s: Settings) -> frozenset[str]:
 
 
 def expert_lora(a: Arch, s: Settings) -> bool:
-    """PEFT wraps fused 3-D expert stacks too (Mixtral's all-linear in transformers 5; gpt-oss's not)."""
+    """Adapters on the fused stacks: finetune.experts' per-expert LoRA under quantization, else PEFT's
+    parameter LoRA (Mixtral's all-linear in transformers 5; gpt-oss's not)."""
+    if twinned(a, s):
+        return bool(expert_kinds(s.lora_targets))
     return any(x[0].rpartition(".")[2].startswith("experts") for x in adapted(a, s))
+
+
+def expert_storage_bytes(a: Arch, s: Settings) -> float:
+    """The fused expert stacks as finetune.experts stores them: per expert one bitsandbytes
+    quantize_4bit (packed nibbles, absmax per 64, with double quantization uint8 absmax + an fp32
+    absmax per 256 of them + an fp32 offset) or 8-bit blockwise (int8 + fp32 absmax per 256), plus the
+    code books per stack (16 fp32 for NF4/FP4, 256 fp32 for the blockwise code). Biases excluded."""
+    total = 0.0
+    for _kind, i, o, experts, layers in expert_stacks(a):
+        n = i * o
+        if s.quant == "none":
+            per, shared = n * unquantized_bytes(s), 0
+        elif s.quant == "8bit":
+            per, shared = n + 4 * math.ceil(n / BNB_OPTIM_BLOCK), 256 * 4
+        else:
+            blocks = math.ceil(n / NF4_BLOCK)
+            if s.double_quant:
+                per, shared = n / 2 + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 4, 16 * 4 + 256 * 4
+            else:
+                per, shared = n / 2 + 4 * blocks, 16 * 4
+        total += layers * (experts * per + shared)
+    return total
+
+
+def expert_dequant_bytes(a: Arch, s: Settings) -> float:
+    """The transient 16-bit copy of one expert's largest matrix, rebuilt in forward and backward."""
+    if not twinned(a, s) or s.quant == "none":
+        return 0.0
+    return DTYPE_BYTES[s.dtype] * max((i * o for _k, i, o, _e, _n in expert_stacks(a)), default=0)
 
 
 def head_trained(a: Arch, s: Settings) -> bool:
@@ -165,6 +248,9 @@ def weights_bytes(a: Arch, s: Settings) -> float:
             total += lin.count * (
                 quant_bytes(s, lin.in_f * lin.out_f, lin.out_f) + (lin.out_f * ub if lin.bias else 0)
             )
+    if twinned(a, s):  # the fused experts in finetune.experts' storage instead of the weights' dtype
+        linear_params += sum(i * o * e * n for _k, i, o, e, n in expert_stacks(a))
+        total += expert_storage_bytes(a, s)
     return total + (a.params.total - linear_params) * ub
 
 
