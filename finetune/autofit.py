@@ -6,6 +6,8 @@ Preference order (documented in the README):
 2. within that level, the fastest (checkpointing, micro-batch) pair that fits, by the speed model
    below: no checkpointing when the run fits without it, the largest micro-batch that fits.
 3. `batch.effective` never changes: micro-batch x accumulation x GPUs stays equal to it.
+4. across GPUs (`dist=auto`): one process when there is one GPU; with several, the first of
+   `dist.candidates` (DDP, FSDP2, FSDP2 with CPU offload) that fits each GPU and the host RAM.
 Nothing the user pinned is ever changed: only fields whose value is `auto` are filled.
 """
 
@@ -15,7 +17,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from finetune import UserError, hardware, memory, source, warn
+from finetune import UserError, config_dir, hardware, launch, memory, source, warn
+from finetune.memory import distributed
 from finetune.schema import AUTO, FULL_LR, LORA_LR, command_line_keys, targets
 
 SAFETY_MARGIN = 0.10
@@ -23,6 +26,11 @@ SAFETY_MARGIN = 0.10
 CPU_RESERVE_GIB = 4.0
 """On a CPU the plan may use total RAM less this (the OS, the shell, the data loader) and the margin:
 total, not free, memory, so the same command gives the same plan every time."""
+
+HOST_GIB_PER_GPU = 256
+"""dist.host_memory_gb=auto for a GPU preset: 8-GPU servers of the A100/H100 class ship 2 TB of RAM."""
+MAX_GPUS = 64
+"""The largest GPU count finetune.plan and the "does not fit" message look for."""
 
 QUANT_ORDER = ("none", "8bit", "4bit")
 OPTIM_ORDER = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -60,6 +68,57 @@ def budget_gib(hw: Any) -> float:
 
     total = psutil.virtual_memory().total / 2**30
     return max(total - CPU_RESERVE_GIB, total / 2) * (1 - SAFETY_MARGIN)
+
+
+def host_budget_gib(cfg: Any, world: int) -> float:
+    """Host RAM the plan may use for offloaded state, for the whole machine."""
+    host = cfg.dist.host_memory_gb
+    if host == AUTO:
+        if cfg.hw.num_gpus == 0:
+            import psutil
+
+            host = psutil.virtual_memory().total / 2**30
+        else:
+            host = HOST_GIB_PER_GPU * world
+    return host * (1 - SAFETY_MARGIN)
+
+
+def layouts(cfg: Any, world: int) -> list[tuple[str, distributed.Layout, dict]]:
+    """(dist option, layout, the dist keys it sets) to try, in order of preference."""
+    d = cfg.dist
+
+    def layout(name: str, keys: dict) -> tuple[str, distributed.Layout, dict]:
+        merged = {
+            **{
+                k: d[k]
+                for k in ("reshard_after_forward", "cpu_offload", "offload_optimizer", "offload_params")
+            },
+            **keys,
+        }
+        strategy = merged.get("strategy", d.strategy)
+        return (
+            name,
+            distributed.Layout(
+                strategy=strategy,
+                world=world,
+                offload_optimizer=bool(merged["cpu_offload"] or merged["offload_optimizer"]),
+                offload_params=bool(merged["cpu_offload"] or merged["offload_params"]),
+                reshard_after_forward=bool(merged["reshard_after_forward"]),
+            ),
+            keys,
+        )
+
+    if d.strategy != AUTO:
+        return [layout(d.strategy, {})]
+    if world == 1:
+        return [layout("none", {"strategy": "none"})]
+    if cfg.hw.num_gpus == 0:  # accelerate runs every strategy as DDP on CPU
+        return [layout("ddp", {"strategy": "ddp"})]
+    import yaml
+
+    return [
+        layout(n, yaml.safe_load((config_dir() / "dist" / f"{n}.yaml").read_text())) for n in d.candidates
+    ]
 
 
 def settings(cfg: Any, arch: dict, **pick: Any) -> memory.Settings:
@@ -120,9 +179,10 @@ def _pinned(value: Any) -> bool:
     return value != AUTO
 
 
-def _search(cfg: Any, arch: dict, budget: float):
+def _search(cfg: Any, arch: dict, budget: float, world: int | None = None):
     """(pick, estimate, fits): the preferred candidate that fits, or the smallest one if none does."""
-    b, gpus = cfg.batch, max(cfg.hw.num_gpus, 1)
+    gpus = world or launch.world_size(cfg)
+    b, host = cfg.batch, host_budget_gib(cfg, gpus)
     quants = (
         [cfg.quant.load_in]
         if _pinned(cfg.quant.load_in)
@@ -141,28 +201,37 @@ def _search(cfg: Any, arch: dict, budget: float):
     smallest = None
     for quant in quants:
         for optim in optims:
-            fitting = []
-            for ckpt in ckpts:
-                for size in sizes:
-                    # no effective batch means both are pinned (validate)
-                    accum = b.grad_accum if b.effective is None else b.effective // (size * gpus)
-                    pick = {
-                        "quant": quant,
-                        "optim": optim,
-                        "ckpt": ckpt,
-                        "size": size,
-                        "accum": accum,
-                        "r": rank,
-                    }
-                    s = settings(cfg, arch, **pick)
-                    est = memory.estimate(arch, s)
-                    if est.total_gib <= budget:
-                        fitting.append((tokens_per_second(arch, s, cfg.hw, relative=True), pick, est))
-                    if smallest is None or est.total_gib < smallest[1].total_gib:
-                        smallest = (pick, est)
-            if fitting:
-                _, pick, est = max(fitting, key=lambda f: f[0])
-                return pick, est, True
+            for dist_name, layout, dist_keys in layouts(cfg, gpus):
+                if (
+                    optim != "adamw"
+                    and not _pinned(cfg.optim.name)
+                    and layout.strategy not in ("none", "ddp")
+                ):
+                    continue  # bitsandbytes' states over FSDP2's DTensor shards are untested; DeepSpeed has its own
+                fitting = []
+                for ckpt in ckpts:
+                    for size in sizes:
+                        # no effective batch means both are pinned (validate)
+                        accum = b.grad_accum if b.effective is None else b.effective // (size * gpus)
+                        pick = {
+                            "quant": quant,
+                            "optim": optim,
+                            "ckpt": ckpt,
+                            "size": size,
+                            "accum": accum,
+                            "r": rank,
+                            "dist": dist_name,
+                            "dist_keys": dist_keys,
+                        }
+                        s = settings(cfg, arch, **pick)
+                        est = distributed.per_device(arch, s, layout)
+                        if est.total_gib <= budget and (layout.world == 1 or est.host_gib <= host):
+                            fitting.append((tokens_per_second(arch, s, cfg.hw, relative=True), pick, est))
+                        if smallest is None or est.total_gib < smallest[1].total_gib:
+                            smallest = (pick, est)
+                if fitting:
+                    _, pick, est = max(fitting, key=lambda f: f[0])
+                    return pick, est, True
     return smallest[0], smallest[1], False
 
 
@@ -237,29 +306,12 @@ def _resolve_attention(cfg: Any, arch: dict) -> tuple[str, str, str] | None:
     return ("attention", cfg.model.attn_implementation, f"auto: {why}")
 
 
-def _resolve_lora_dropout(cfg: Any, arch: dict) -> tuple[str, str, str] | None:
-    """PEFT puts adapters on fused expert weights as parameters, which take no dropout."""
-    if (
-        not cfg.lora.enabled
-        or targets(cfg.lora) != ["all-linear"]
-        or not memory.dims(arch)["expert_adapters"]
-    ):
-        return None
-    if cfg.lora.dropout and "lora.dropout" in command_line_keys():
-        warn(
-            f"lora.dropout={cfg.lora.dropout} is ignored: PEFT's adapters on this model's fused expert "
-            "weights take no dropout, so every adapter trains without it."
-        )
-    cfg.lora.dropout = 0.0
-    return ("lora dropout", "0", "adapters on fused expert weights (PEFT parameter LoRA) take no dropout")
-
-
 def resolve(cfg: Any) -> Plan:
     """A copy of `cfg` with every `auto` filled, the reasons, and the memory estimate."""
     cfg = copy.deepcopy(cfg)
     hw_reason = _resolve_hw(cfg)
     arch = source.architecture(cfg.model)
-    extra_rows = [row for row in (_resolve_attention(cfg, arch), _resolve_lora_dropout(cfg, arch)) if row]
+    extra_rows = [row for row in (_resolve_attention(cfg, arch),) if row]
     lr_why = _resolve_lr(cfg)
     budget = budget_gib(cfg.hw)
     pick, est, fits = _search(cfg, arch, budget)
@@ -277,13 +329,37 @@ def resolve(cfg: Any) -> Plan:
     if cfg.lora.enabled:
         cfg.lora.r = pick["r"]
     if cfg.batch.effective is None:
-        cfg.batch.effective = pick["size"] * pick["accum"] * max(cfg.hw.num_gpus, 1)
+        cfg.batch.effective = pick["size"] * pick["accum"] * launch.world_size(cfg)
+    dist_row = _resolve_dist(cfg, pick, est, fits)
 
     speed = tokens_per_second(arch, settings(cfg, arch, **pick), cfg.hw)
     why = _reasons(before, pick, fits)
-    decisions = [("hardware", cfg.hw.name, hw_reason), *why, *extra_rows]
+    decisions = [("hardware", cfg.hw.name, hw_reason), *why, dist_row, *extra_rows]
     return Plan(
         cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed, lr_why
+    )
+
+
+def _resolve_dist(cfg: Any, pick: dict, est: distributed.DeviceEstimate, fits: bool) -> tuple[str, str, str]:
+    """Fill dist=auto with the chosen option's keys; the plan row says what each GPU holds."""
+    auto = cfg.dist.strategy == AUTO
+    for key, value in pick["dist_keys"].items():
+        cfg.dist[key] = value
+    n = est.world_size
+    value = "one process" if cfg.dist.strategy == "none" else f"{cfg.dist.strategy} x {n}"
+    if cfg.dist.strategy in ("fsdp", "zero2", "zero3") and (
+        cfg.dist.cpu_offload or cfg.dist.offload_optimizer
+    ):
+        value += f" (CPU offload, {est.host_gib:.0f} GiB host RAM)"
+    if not auto:
+        return ("distribution", value, "set by you or a config file: kept as is")
+    if n == 1:
+        return ("distribution", value, "auto: one GPU" if cfg.hw.num_gpus else "auto: one process")
+    verdict = "fits" if fits else "comes closest"
+    return (
+        "distribution",
+        value,
+        f"auto: the first of {', '.join(cfg.dist.candidates)} that {verdict} each GPU",
     )
 
 
@@ -324,9 +400,37 @@ def smallest_gpu(cfg: Any, arch: dict) -> str | None:
         trial = copy.deepcopy(cfg)
         for key, value in preset.items():
             trial.hw[key] = value
-        if _search(trial, arch, budget_gib(trial.hw))[2]:
+        if _search(trial, arch, budget_gib(trial.hw), world=1)[2]:
             return preset["name"]
     return None
+
+
+def smallest_count(cfg: Any, arch: dict, hw: Any) -> tuple[int, str, Any] | None:
+    """(GPU count, dist option, estimate per GPU): the fewest GPUs like `hw` that hold this config
+    (its `auto` fields re-resolved, batch.effective kept), or None up to MAX_GPUS."""
+    if hw.num_gpus == 0:
+        return None
+    b = cfg.batch
+    pinned = (b.size if _pinned(b.size) else 1) * (b.grad_accum if _pinned(b.grad_accum) else 1)
+    for n in range(2, MAX_GPUS + 1):
+        if b.effective is not None and b.effective % (pinned * n):
+            continue  # batch.effective stays fixed: it must split over n GPUs
+        trial = copy.deepcopy(cfg)
+        for key in hw:
+            trial.hw[key] = hw[key]
+        trial.hw.num_gpus = n
+        pick, est, fits = _search(trial, arch, budget_gib(trial.hw), world=n)
+        if fits:
+            return n, pick["dist"], est
+    return None
+
+
+def multi_gpu_line(model: str, full: bool, count: tuple[int, str, Any], gpu: str) -> str:
+    """'llama-3-70b full fine-tune: 8 x a100-80gb with dist=fsdp_offload (12.6 GiB per GPU)'."""
+    n, option, est = count
+    host = f", {est.host_gib:.0f} GiB host RAM" if "offload" in option else ""
+    kind = "full fine-tune" if full else "LoRA"
+    return f"{model} {kind}: {n} x {gpu} with dist={option} ({est.total_gib:.1f} GiB per GPU{host})"
 
 
 def require_fit(p: Plan, original: Any) -> None:
@@ -335,13 +439,19 @@ def require_fit(p: Plan, original: Any) -> None:
         return
     arch = source.architecture(original.model)
     gpu = smallest_gpu(original, arch)
-    where = (
-        f"The smallest preset GPU that fits is hw={gpu}"
-        if gpu
-        else (
-            "No single preset GPU fits: it needs sharding across GPUs (not supported yet) or a smaller model"
-        )
+    count = smallest_count(original, arch, p.cfg.hw)
+    several = (
+        f"{multi_gpu_line(p.cfg.model.name, not original.lora.enabled, count, p.cfg.hw.name)}: "
+        f"add hw.num_gpus={count[0]}"
+        if count
+        else ""
     )
+    if gpu:
+        where = f"The smallest preset GPU that fits is hw={gpu}" + (f"; or {several}" if several else "")
+    elif several:
+        where = f"No single preset GPU fits; {several}"
+    else:
+        where = f"No single preset GPU fits, nor up to {MAX_GPUS} of {p.cfg.hw.name}: use a smaller model"
     levers = (
         "quant=4bit, "
         if original.lora.enabled

@@ -16,19 +16,23 @@ rungs stay in force for the rest of the run. No optimizer step and no sample is 
 that hit the error is rebuilt from its first micro-batch. Steps without an error run the plain
 `SFTTrainer.training_step`.
 
-Every rung taken is printed and recorded in `trainer.oom_events` (for summary.json).
+Every rung taken is printed and recorded in `trainer.oom_events` (for summary.json), and saved in
+each checkpoint: a resumed run starts with the rungs already in force, so it does not run out of
+memory again to find them. Checkpoints are written aside and renamed (finetune/checkpoints.py).
 Single-process training only: under torch.distributed every rank would have to step down together.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import torch
 from accelerate.utils.memory import clear_device_cache
 from trl import SFTTrainer
 
-from finetune import UserError
+from finetune import UserError, checkpoints
 
 LADDER = ("split", "gradient_checkpointing", "paged_adamw_8bit")  # then re-plan (UserError)
 
@@ -53,6 +57,106 @@ class StepDownTrainer(SFTTrainer):
         # the step from there.
         self._step_inputs: list[tuple[dict, torch.Tensor | int | None]] = []
         self._step_metrics: tuple | None = None
+        # Facts the caller wants carried across a resume (e.g. the score before training); saved
+        # in every checkpoint and read back by train(resume_from_checkpoint=...).
+        self.run_facts: dict = {}
+        self.wall_before = 0.0  # training seconds spent before this process resumed the run
+        self._wall_start = time.perf_counter()
+        self._staging: Path | None = None
+        self._resume_paged = False
+        self.checkpoint_seconds = 0.0  # spent writing checkpoints in this process (summary.json)
+
+    # ---- checkpoints and resume ----
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is not None:
+            saved = checkpoints.read_state(Path(resume_from_checkpoint))
+            self._restore_ladder(saved["ladder"])
+            self.run_facts = saved.get("run", {})
+            self.wall_before = saved.get("wall_seconds", 0.0)
+            self._total_train_tokens = saved.get("train_tokens", 0)  # TRL's count restarts at 0 otherwise
+            if saved["step"] >= self._total_steps():
+                # Trained to the end but not finished (stopped while scoring or saving). The Trainer
+                # would run one step past the end: load the weights and the state instead.
+                from transformers import TrainerState
+
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = TrainerState.load_from_json(
+                    str(Path(resume_from_checkpoint) / "trainer_state.json")
+                )
+                return None
+        self._wall_start = time.perf_counter()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _total_steps(self) -> int:
+        """The optimizer steps this run trains for, computed the way the Trainer does."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        per_epoch = max(
+            math.ceil(len(self.get_train_dataloader()) / self.args.gradient_accumulation_steps), 1
+        )
+        return math.ceil(self.args.num_train_epochs * per_epoch)
+
+    def evaluate(self, *args, **kwargs):
+        # Creating the eval dataloader draws from torch's RNG: left alone, a run evaluated at other
+        # steps (a Ctrl-C checkpoint evaluates too) would get other dropout masks from then on, and a
+        # resumed run would not train like an uninterrupted one.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
+
+    def wall_seconds(self) -> float:
+        """Training time of the whole run so far, over every resume."""
+        return self.wall_before + time.perf_counter() - self._wall_start
+
+    def _init_training_state(self, max_steps, *args, **kwargs):
+        out = super()._init_training_state(max_steps, *args, **kwargs)
+        # A resumed state carries the old run's logging/eval/save intervals; the ones given now win.
+        self.state.compute_steps(self.args, max_steps)
+        return out
+
+    def _save_checkpoint(self, model, trial):
+        start = time.perf_counter()
+        folder = Path(self.args.output_dir)
+        self._staging = checkpoints.staging(folder)
+        try:
+            super()._save_checkpoint(model, trial)  # writes into the staging folder (_get_output_dir)
+        finally:
+            written, self._staging = self._staging / f"checkpoint-{self.state.global_step}", None
+        if self.args.should_save:
+            state = {
+                "step": self.state.global_step,
+                "ladder": self._ladder_state(),
+                "train_tokens": int(getattr(self, "_total_train_tokens", 0)),
+                "wall_seconds": round(self.wall_seconds(), 2),
+                "run": self.run_facts,
+            }
+            checkpoints.publish(written, folder, state, self.args.save_total_limit)
+        self.checkpoint_seconds += time.perf_counter() - start
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _ladder_state(self) -> dict:
+        return {"oom_split": self.oom_split, "oom_events": self.oom_events}
+
+    def _restore_ladder(self, ladder: dict) -> None:
+        """Put the rungs of the checkpoint's run back in force before the first step."""
+        self.oom_split = ladder["oom_split"]
+        self.oom_events = ladder["oom_events"]
+        rungs = {e["rung"] for e in self.oom_events}
+        if "gradient_checkpointing" in rungs:
+            self.args.activation_checkpointing = True  # the Trainer turns it on as training starts
+        # The optimizer state in the checkpoint is the paged optimizer's: create that one to load it.
+        self._resume_paged = "paged_adamw_8bit" in rungs
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self._resume_paged:
+            paged = paged_adamw_8bit(_inner(optimizer))
+            if paged is not None:
+                self.optimizer = optimizer = paged
+        return optimizer
 
     # ---- the training step ----
 

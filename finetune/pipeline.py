@@ -1,4 +1,8 @@
-"""One fine-tuning run, top to bottom: plan -> tokenizer -> data -> model -> peft -> SFTTrainer -> save."""
+"""One fine-tuning run, top to bottom: plan -> tokenizer -> data -> model -> peft -> SFTTrainer -> save.
+
+A run writes checkpoints as it goes, stops cleanly on Ctrl-C or SIGTERM, and `resume=<run folder>`
+continues it in its own folder (finetune/lifecycle.py, finetune/checkpoints.py).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,13 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import UserError, autofit, data, hardware, plan, schema
+from finetune import UserError, autofit, data, hardware, launch, lifecycle, plan, schema
 
 
 @dataclass
@@ -27,6 +30,13 @@ class Result:
 
 def run(cfg: Any) -> Result | None:
     cfg = copy.deepcopy(cfg)  # plan.make fills data.max_length=auto in place
+    launch.quiet_replicas()  # several processes (#13): rank 0 alone prints
+    resume = lifecycle.resume_point(cfg, lifecycle.command_line()) if cfg.resume else None
+    if resume is not None:
+        if resume.finished:
+            print(f"finetune: {resume.finished}")
+            return None
+        cfg = resume.cfg  # the run's own resolved config: nothing is left on auto
     resolved = plan.make(cfg)
     plan.show(resolved)
     if cfg.dry_run:
@@ -41,9 +51,18 @@ def run(cfg: Any) -> Result | None:
     cfg = resolved.cfg
     _check_output_dir(cfg)
     _check_runtime(cfg)
-    if cfg.run_name and (Path(cfg.output_dir) / cfg.run_name).exists():  # fail before minutes of loading
-        raise UserError(f"{Path(cfg.output_dir) / cfg.run_name} already exists: choose another run_name.")
-    return _train(cfg)
+    if launch.should_spawn(cfg):  # hw.num_gpus=N > 1 without a launcher (#13): start N processes
+        sys.exit(launch.spawn(cfg, sys.argv[1:]))
+    if resume is None and cfg.run_name and (Path(cfg.output_dir) / cfg.run_name).exists():
+        raise UserError(  # fail before minutes of loading
+            f"{Path(cfg.output_dir) / cfg.run_name} already exists: choose another run_name, or continue it "
+            f"with resume={Path(cfg.output_dir) / cfg.run_name}."
+        )
+    with lifecycle.Signals() as signals:
+        try:
+            return _train(cfg, resume, signals)
+        except lifecycle.Interrupted as err:  # a second Ctrl-C, or one outside the training loop
+            signals.interrupted(err)
 
 
 def _check_output_dir(cfg: Any) -> None:
@@ -84,6 +103,21 @@ def _check_runtime(cfg: Any) -> None:
             f"hw.num_gpus={cfg.hw.num_gpus} but torch sees {torch.cuda.device_count()} GPU(s); "
             f"set hw.num_gpus={torch.cuda.device_count()}."
         )
+    import importlib.util
+
+    for tracker in _trackers(cfg):
+        packages = schema.TRACKERS[tracker]
+        if not any(importlib.util.find_spec(p) for p in packages):
+            raise UserError(
+                f"train.report_to={tracker} needs the {packages[0]} package: pip install {packages[0]} "
+                "(or train.report_to=none)."
+            )
+
+
+def _trackers(cfg: Any) -> list[str]:
+    value = cfg.train.report_to
+    names = [value] if isinstance(value, str) else list(value)
+    return [n for n in names if n != "none"]
 
 
 def _new_run_dir(cfg: Any) -> Path:
@@ -111,7 +145,7 @@ def _new_run_dir(cfg: Any) -> Path:
 def _sft_config(cfg: Any, run_dir: Path, prec: hardware.Precision):
     from trl import SFTConfig
 
-    o = cfg.optim
+    o, t = cfg.optim, cfg.train
     galore = o.name.startswith("galore")
     optim = schema.OPTIMIZERS[o.name] + ("_layerwise" if galore and o.galore_layerwise else "")
     return SFTConfig(
@@ -137,17 +171,25 @@ def _sft_config(cfg: Any, run_dir: Path, prec: hardware.Precision):
         use_cpu=cfg.hw.num_gpus == 0,
         dataloader_pin_memory=cfg.hw.num_gpus > 0,
         **data.sft_kwargs(cfg),  # max_length, packing, padding_free
+        **launch.trainer_kwargs(cfg),  # dist=fsdp/zero*: accelerate's FSDP2 / DeepSpeed plugins (#13)
         logging_steps=cfg.train.logging_steps,
         # MoE load-balancing loss off: routers stay frozen under LoRA, and transformers 5.23's GPT-OSS
         # balancing loss fails on padded batches (shape mismatch in load_balancing_loss_func).
         router_aux_loss_coef=0.0,
-        save_strategy="no",  # the final weights are saved below, atomically
-        report_to="none",
+        # Checkpoints every train.save_steps; auto saves by wall time (lifecycle.Schedule) and 0 only
+        # on a signal. Either way the Trainer writes into a staging folder that StepDownTrainer renames.
+        save_strategy="no" if t.save_steps == 0 else "steps",
+        save_steps=2**31 - 1 if t.save_steps in (0, "auto") else t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",  # lifecycle.Schedule asks for evaluations: every eval_steps, at saves, at the end
+        per_device_eval_batch_size=cfg.batch.size,
+        report_to=_trackers(cfg) or "none",
+        run_name=run_dir.name,  # the trackers' name for the run
         seed=cfg.seed,
     )
 
 
-def _train(cfg: Any) -> Result:
+def _train(cfg: Any, resume: lifecycle.Resume | None, signals: lifecycle.Signals) -> Result:
     import logging
 
     # On CPU, bitsandbytes tries to fetch an optional kernel from the hub at import and logs a
@@ -156,7 +198,7 @@ def _train(cfg: Any) -> Result:
     import torch
     from transformers import set_seed
 
-    from finetune import evaluate, models
+    from finetune import evaluate, experts, models
     from finetune.oom import StepDownTrainer
 
     set_seed(cfg.seed)
@@ -169,33 +211,71 @@ def _train(cfg: Any) -> Result:
     # Checked and tokenized before the model loads: bad data stops the run here, with its line.
     train_tokens, data_report = data.prepare(train_set, tokenizer, cfg.data)
     print(data_report.summary())
+    eval_tokens = data.prepare(eval_set, tokenizer, cfg.data)[0] if eval_set is not None else None
     model = models.load_model(path, cfg, getattr(torch, prec.weights))
     pairs = data.scoring_pairs(eval_set, cfg.train.eval_samples)
-    run_dir = _new_run_dir(cfg)  # only now: a run that cannot load leaves no folder behind
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Only now: a run that cannot load leaves no folder behind. A resumed run keeps its own; a new
+    # one gets one folder for all its processes (#13).
+    run_dir = resume.run_dir if resume else launch.shared_run_dir(lambda: _new_run_dir(cfg))
+    signals.run_dir, signals.fresh = run_dir, resume is None
+    if launch.is_main():  # (#13)
+        _write_config(cfg, run_dir)
 
-    before, _ = evaluate.exact_match(model, tokenizer, pairs)
-    if before is not None:
-        print(f"held-out exact match before training: {before:.0%} of {len(pairs)}")
+    facts = {}
+    if resume is None:
+        with torch.random.fork_rng(devices=[]):  # scoring must not move the RNG: resumed runs skip it
+            before, _ = evaluate.exact_match(model, tokenizer, pairs)
+        facts = {"accuracy_before": before}
+        if before is not None:
+            print(f"held-out exact match before training: {before:.0%} of {len(pairs)}")
 
     trainer = StepDownTrainer(
         model=model,
         args=_sft_config(cfg, run_dir, prec),
         train_dataset=train_tokens,
+        eval_dataset=eval_tokens,
         processing_class=processor,
         peft_config=models.peft_config(cfg, vision=models.is_vision_language(path, cfg.model)),
-        callbacks=[_gpu_memory_log()] if torch.cuda.is_available() else None,
+        callbacks=[
+            *lifecycle.callbacks(signals, cfg, run_dir, has_eval=eval_tokens is not None),
+            *([_gpu_memory_log()] if torch.cuda.is_available() else []),
+        ],
     )
-    start = time.perf_counter()
-    mean_loss = trainer.train().training_loss
-    wall = time.perf_counter() - start
+    trainer.run_facts = facts
+    checkpoint = resume.checkpoint if resume else None
+    experts.attach(trainer, checkpoint)  # quantized MoE: our expert adapters train and checkpoint too
+    if resume is not None:
+        print(
+            f"resuming {run_dir} from {checkpoint.name}"
+            if checkpoint
+            else f"resuming {run_dir}: no complete checkpoint, starting again from step 0"
+        )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if signals.signum is not None:
+        signals.stopped(trainer.state)  # exits 130 / 143 with the resume line
+    wall = trainer.wall_seconds()
 
     after, samples = evaluate.exact_match(trainer.model, tokenizer, pairs)
-    _save(trainer, processor, run_dir / ("adapter" if cfg.lora.enabled else "model"))
-    summary = _summary(trainer, wall, mean_loss, before, after, samples)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _save(trainer, processor, run_dir / ("adapter" if cfg.lora.enabled else "model"), cfg)
+    summary = _summary(trainer, wall, trainer.run_facts.get("accuracy_before"), after, samples)
+    summary["world_size"] = launch.world_size(cfg)  # (#13)
+    if launch.is_main():
+        _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     _report(summary, samples, run_dir)
     return Result(run_dir, trainer.model, summary)
+
+
+def _write_config(cfg: Any, run_dir: Path) -> None:
+    """<run>/config.yaml: the fully resolved config, which resume, merge, export and chat read."""
+    saved = copy.deepcopy(cfg)
+    saved.resume = None  # how this process was started, not part of the run
+    _write_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(saved, resolve=True))
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(text)
+    partial.replace(target)
 
 
 def _gpu_memory_log():
@@ -214,12 +294,23 @@ def _gpu_memory_log():
     return GpuMemoryLog()
 
 
-def _save(trainer, processor, target: Path) -> None:
+def _save(trainer, processor, target: Path, cfg: Any) -> None:
     """Write the weights aside and rename: a crash mid-save never leaves a half-written model."""
     partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if launch.is_main():  # (#13) every rank takes part in save_model, rank 0 alone writes the rest
+        shutil.rmtree(partial, ignore_errors=True)
+    launch.barrier()
     trainer.save_model(str(partial))
+    launch.barrier()
+    if not launch.is_main():
+        return
+    from finetune import experts, runfolder
+
+    experts.save_adapters(trainer.model, partial)  # quantized MoE: the expert adapters, beside PEFT's
     processor.save_pretrained(str(partial))
+    runfolder.point_adapter_at_user_base(partial, cfg)  # name the model users load, not our cache copy
+    if target.exists():  # a finished run trained on (resume with a larger train.max_steps)
+        shutil.rmtree(target)
     partial.rename(target)
 
 
@@ -235,19 +326,27 @@ def _peak_memory_gib() -> dict:
     return peak
 
 
-def _summary(trainer, wall: float, mean_loss: float, before, after, samples) -> dict:
-    history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
+def _summary(trainer, wall: float, before, after, samples) -> dict:
+    history = trainer.state.log_history  # the whole run's: a resumed state carries the earlier logs
+    logged = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    # Each logged loss is the mean over the steps since the previous log: weight it by them.
+    spans = [step - prev for (step, _), prev in zip(logged, [0] + [s for s, _ in logged])]
+    mean_loss = sum(w * loss for w, (_, loss) in zip(spans, logged)) / sum(spans) if logged else None
+    if not logged:  # shorter than train.logging_steps: the Trainer's own mean over this session
+        mean_loss = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     tokens = max((h.get("num_tokens", 0) for h in history), default=0)
     return {
         "steps": trainer.state.global_step,
         "oom_events": trainer.oom_events,
         "oom_overrides": trainer.oom_overrides(),
-        "final_loss": round(losses[-1] if losses else mean_loss, 4),  # the last logged loss
+        "final_loss": round(logged[-1][1] if logged else mean_loss, 4),  # the last logged loss
         "mean_loss": round(mean_loss, 4),
+        "eval_loss": round(evals[-1], 4) if evals else None,  # the last evaluation's, on the held-out split
         "train_tokens": int(tokens),
         "tokens_per_second": round(tokens / wall, 1) if wall else None,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(wall, 1),  # training, over every resume
+        "checkpoint_seconds": round(trainer.checkpoint_seconds, 2),  # writing them, this session
         **_peak_memory_gib(),
         "accuracy_before": before,
         "accuracy_after": after,

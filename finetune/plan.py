@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import autofit, hardware, memory, source
+from finetune import autofit, hardware, launch, memory, source
+from finetune.memory import distributed
 from finetune.schema import targets as lora_targets
 
 
@@ -44,7 +45,7 @@ def rows(p: Any) -> list[tuple[str, str, str]]:
         (
             "effective batch",
             str(c.batch.effective),
-            f"{c.batch.size} x {c.batch.grad_accum} x {max(c.hw.num_gpus, 1)} GPU(s)",
+            f"{c.batch.size} x {c.batch.grad_accum} x {launch.world_size(c)} GPU(s)",
         ),
         ("learning rate", f"{o.lr:g}", f"{o.lr_scheduler}, warmup {o.warmup_ratio:g}{p.lr_why}"),
         ("data", d.name if d.name == "demo" else str(d.path), f"max_length={d.max_length}"),
@@ -59,6 +60,15 @@ def rows(p: Any) -> list[tuple[str, str, str]]:
             f"optimizer {e.optimizer_gib:.2f} + activations {e.activations_gib:.1f} + overhead {e.overhead_gib:.1f}",
         )
     )
+    if e.world_size > 1:
+        out.append(
+            (
+                "per GPU, sharding",
+                f"{e.strategy} x {e.world_size}",
+                f"all-gathered layers {e.gathered_gib:.1f} GiB, communication buffers {e.comm_gib:.1f} GiB, "
+                f"host RAM {e.host_gib:.0f} GiB for the machine",
+            )
+        )
     if e.approximate:
         out.append(("estimate", "approximate", "; ".join(e.notes)))
     verdict = "fits" if p.fits else "DOES NOT FIT"
@@ -115,6 +125,27 @@ def methods(cfg: Any) -> dict:
         fit = next((g["name"] for g in gpus if g["gpu_memory_gb"] * (1 - autofit.SAFETY_MARGIN) >= gib), None)
         return fit or "none (shard across GPUs)"
 
+    # a method no single GPU holds: the fewest of the named GPU (else the largest preset) that do
+    named = dict(cfg.hw) if cfg.hw.num_gpus > 0 else max(gpus, key=lambda g: g["gpu_memory_gb"])
+    sharded = OmegaConf.merge(cfg, {"hw": named})
+
+    def several(s: memory.Settings) -> dict | None:
+        budget = autofit.budget_gib(sharded.hw)
+        for n in range(2, autofit.MAX_GPUS + 1):
+            if cfg.batch.effective is not None and cfg.batch.effective % n:
+                continue  # the effective batch stays fixed: it must split over the GPUs
+            for option, layout, _ in autofit.layouts(sharded, n):
+                est = distributed.per_device(arch, s, layout)
+                if est.total_gib <= budget and est.host_gib <= autofit.host_budget_gib(sharded, n):
+                    return {
+                        "num_gpus": n,
+                        "gpu": named["name"],
+                        "dist": option,
+                        "per_device_gib": round(est.total_gib, 2),
+                        "host_gib": round(est.host_gib, 1),
+                    }
+        return None
+
     training = {}
     for label, c, quant in (
         ("full", full, "none"),
@@ -122,8 +153,14 @@ def methods(cfg: Any) -> dict:
         ("lora_4bit", lora, "4bit"),
         ("lora_8bit", lora, "8bit"),
     ):
-        gib = memory.estimate(arch, autofit.settings(c, arch, quant=quant, **base)).total_gib
+        s = autofit.settings(c, arch, quant=quant, **base)
+        gib = memory.estimate(arch, s).total_gib
         training[label] = {"gib": round(gib, 2), "smallest_gpu": smallest(gib)}
+        if training[label]["smallest_gpu"].startswith("none"):
+            found = several(s)
+            training[label]["gpus"] = found  # num_gpus, gpu, dist, per_device_gib, host_gib
+            if found:
+                training[label]["smallest_gpu"] = f"{found['num_gpus']} x {found['gpu']} ({found['dist']})"
     kv_cache = 2 * memory.dims(arch)["kv_width"] * 2048 * 2 / 2**30  # keys and values, 16-bit
     inference = {}
     for label, quant in (("16bit", "none"), ("8bit", "8bit"), ("4bit", "4bit")):
@@ -160,7 +197,7 @@ def as_json(p: Any, table: dict) -> dict:
     c = p.cfg
     resolved = OmegaConf.to_container(c, resolve=True)
     settings = {
-        group: resolved[group] for group in ("quant", "lora", "batch", "optim", "hw", "data", "train")
+        group: resolved[group] for group in ("quant", "lora", "batch", "optim", "hw", "data", "train", "dist")
     }
     settings["model"] = {k: v for k, v in resolved["model"].items() if k != "arch"}
     settings["precision"] = hardware.precision(c).weights
@@ -174,6 +211,7 @@ def as_json(p: Any, table: dict) -> dict:
         "settings": settings,
         "decisions": [{"setting": s, "value": v, "why": w} for s, v, w in p.decisions],
         "estimate": {k: round(v, 3) for k, v in p.estimate.as_dict().items()},
+        "distributed": p.estimate.layout_dict(),  # strategy, world_size, gathered/comm/host GiB
         "estimate_approximate": p.estimate.approximate,
         "estimate_notes": list(p.estimate.notes),
         "budget_gib": round(p.budget_gib, 3),

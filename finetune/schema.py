@@ -135,6 +135,27 @@ class TrainConfig:
     gradient_checkpointing: Any = True  # true | false | auto
     logging_steps: int = 5
     eval_samples: int = 30
+    save_steps: Any = "auto"  # checkpoint every N optimizer steps; auto: every 10 minutes; 0: only on Ctrl-C
+    save_total_limit: int = 2  # checkpoints kept (the newest)
+    eval_steps: Any = "auto"  # eval loss every N steps; auto: at each checkpoint; both also at the end
+    report_to: Any = "none"  # none, or trackers: tensorboard, wandb, trackio, mlflow, ... (or a list)
+
+
+@dataclass
+class DistConfig:
+    """How a run spreads over several GPUs (configs/dist/): mapped onto accelerate's FSDP2 and
+    DeepSpeed plugins by finetune/launch.py, planned per GPU by finetune/memory/distributed.py."""
+
+    strategy: str = "auto"  # auto | none | ddp | fsdp | zero2 | zero3
+    candidates: list[str] = field(default_factory=lambda: ["ddp", "fsdp", "fsdp_offload"])  # auto tries these
+    reshard_after_forward: bool = True  # FSDP2: free gathered layers after forward
+    cpu_offload: bool = False  # FSDP2: shards in host RAM
+    offload_optimizer: bool = False  # ZeRO: optimizer state and step in host RAM
+    offload_params: bool = False  # ZeRO-3: parameters in host RAM
+    activation_checkpointing: Any = "auto"  # FSDP: true | false | auto (follows train.gradient_checkpointing)
+    host_memory_gb: Any = (
+        "auto"  # host RAM of the machine, for offload plans; auto: 256 GiB per GPU preset, or this machine's
+    )
 
 
 @dataclass
@@ -147,10 +168,12 @@ class Config:
     hw: HardwareConfig = field(default_factory=HardwareConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 42
     output_dir: str = "runs"
     run_name: str | None = None
     dry_run: bool = False
+    resume: str | None = None  # a run folder (or latest): continue that run from its last checkpoint
 
 
 ConfigStore.instance().store(name="finetune_schema", node=Config)
@@ -194,6 +217,22 @@ LORA_LR = 2e-4  # optim.lr=auto with adapters (the QLoRA paper's and most recipe
 FULL_LR = 1e-5  # optim.lr=auto for a full fine-tune: every weight moves, so 20x smaller
 SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers' set_seed also seeds
 DATA_SOURCES = ("demo", "file", "hub")
+# train.report_to names transformers' integrations take -> the packages that provide each one.
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "trackio": ("trackio",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "neptune": ("neptune",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "swanlab": ("swanlab",),
+    "azure_ml": ("azureml",),
+    "codecarbon": ("codecarbon",),
+    "dagshub": ("dagshub",),
+    "flyte": ("flytekit",),
+}
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 # Names other tools use for our keys: a user coming from them gets pointed at ours.
@@ -500,8 +539,50 @@ def validate(cfg: Any) -> None:
         e.append(f"train.logging_steps={t.logging_steps} must be at least 1.")
     if t.eval_samples < 0:
         e.append(f"train.eval_samples={t.eval_samples} must not be negative (0 skips scoring).")
+    save = t.save_steps
+    if save != AUTO and (isinstance(save, bool) or not isinstance(save, int) or save < 0):
+        e.append(f"train.save_steps={save} must be a whole number of steps, 0 (only on Ctrl-C) or auto.")
+    if t.save_total_limit < 1:
+        e.append(f"train.save_total_limit={t.save_total_limit} must be at least 1 (checkpoints kept).")
+    _count(e, "train.eval_steps", t.eval_steps, " auto evaluates at each checkpoint.")
+    for tracker in [t.report_to] if isinstance(t.report_to, str) else list(t.report_to):
+        if tracker != "none" and tracker not in TRACKERS:
+            e.append(
+                f"train.report_to={tracker!r} is not a tracker transformers knows."
+                f"{did_you_mean(str(tracker), list(TRACKERS))} Use none or one of {', '.join(TRACKERS)} "
+                "(a list: 'train.report_to=[tensorboard,wandb]')."
+            )
+
+    _validate_dist(e, cfg.dist)
 
     if len(e) == 1:
         raise UserError(e[0])
     if e:
         raise UserError(f"{len(e)} problems in the configuration:\n  - " + "\n  - ".join(e))
+
+
+DIST_STRATEGIES = ("auto", "none", "ddp", "fsdp", "zero2", "zero3")
+
+
+def _validate_dist(e: list[str], dist: Any) -> None:
+    _one_of(e, "dist.strategy", dist.strategy, DIST_STRATEGIES)
+    options = sorted(p.stem for p in (config_dir() / "dist").glob("*.yaml") if p.stem != AUTO)
+    for name in dist.candidates:
+        _one_of(e, "dist.candidates", name, options)
+    if dist.activation_checkpointing not in (True, False, AUTO):
+        e.append(
+            f"dist.activation_checkpointing={dist.activation_checkpointing} must be true, false or auto."
+        )
+    host = dist.host_memory_gb
+    if host != AUTO and (isinstance(host, bool) or not isinstance(host, int | float) or host <= 0):
+        e.append(f"dist.host_memory_gb={host} must be a positive number of GiB, or auto.")
+    if dist.strategy == "zero3" and not dist.reshard_after_forward:
+        e.append(
+            "dist.reshard_after_forward=false is FSDP's; ZeRO-3 always re-partitions: use dist=zero2 instead."
+        )
+    if dist.offload_params and dist.strategy != "zero3":
+        e.append("dist.offload_params=true needs dist=zero3 (FSDP offloads with dist.cpu_offload=true).")
+    if dist.cpu_offload and dist.strategy not in ("fsdp", AUTO):
+        e.append(
+            "dist.cpu_offload=true is FSDP's: use dist=fsdp_offload, or dist.offload_optimizer with ZeRO."
+        )

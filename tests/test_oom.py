@@ -170,6 +170,22 @@ def test_checkpointing_when_one_sequence_still_does_not_fit(tiny_model, tmp_path
     _assert_same_training(trainer, reference())
 
 
+def test_a_resumed_run_starts_with_the_ladder_in_force(tiny_model, tmp_path):
+    from finetune import checkpoints
+
+    trainer = _trainer(tiny_model, tmp_path)
+    InjectOOM(trainer, lambda t, rows, call: not t.model.is_activation_checkpointing)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"  # the final checkpoint, with the ladder's state
+    assert checkpoints.problem(checkpoint) is None
+    # No OOM is injected now: only a restored ladder splits micro-batches and checkpoints activations.
+    resumed = _trainer(tiny_model, tmp_path, "train.max_steps=3")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    assert resumed.oom_split == trainer.oom_split == 4 and resumed.oom_events == trainer.oom_events
+    assert resumed.model.is_activation_checkpointing
+
+
 def test_paged_8bit_optimizer_takes_over_with_moments_and_schedule(tiny_model, tmp_path, reference):
     import bitsandbytes as bnb
 

@@ -1,0 +1,248 @@
+"""Several processes: which rank this is, the world size, and the accelerate configuration a run's
+dist settings turn into (FSDP2 or DeepSpeed), written into the run folder and used to launch.
+
+`python -m finetune hw.num_gpus=N` on a machine with N GPUs starts N processes through accelerate's
+launcher (`spawn`); `torchrun --nproc_per_node N -m finetune ...` and `accelerate launch -m finetune
+...` start them directly. Every rank plans the same run; rank 0 alone prints, writes the run folder
+and saves. The run folder's name is made by rank 0 and broadcast (`shared_run_dir`), never derived
+from the clock on each rank (hydra#2070). No torch import at module level: planning imports this.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SPAWNED = "FINETUNE_LAUNCHED"
+"""Set in the processes `spawn` starts: they train instead of launching again."""
+CONFIG_ENV = "FINETUNE_ACCELERATE_CONFIG"
+"""The accelerate config `spawn` wrote, which rank 0 copies into the run folder."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def world_size(cfg: Any = None) -> int:
+    """Processes taking part: the launcher's WORLD_SIZE, else the GPUs the plan is for."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return max(cfg.hw.num_gpus, 1) if cfg is not None else 1
+
+
+def quiet_replicas() -> None:
+    """Rank 0 alone prints the plan, the data report and the result: the others' stdout is dropped
+    (stderr stays, so a failing rank still says why)."""
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def _process_group():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import torch
+
+        # accelerate reuses a group that exists; gloo where there is no GPU (CPU runs under torchrun)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
+def shared_run_dir(make: Callable[[], Path]) -> Path:
+    """One run folder per run: rank 0 makes it, the other ranks are told its name."""
+    if world_size() == 1:
+        return make()
+    dist = _process_group()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = str(make())
+        except Exception as err:  # the others must not wait for a folder that never comes
+            box[0] = err
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    run_dir = Path(box[0])
+    if is_main() and os.environ.get(CONFIG_ENV):
+        Path(run_dir / "accelerate.yaml").write_text(Path(os.environ[CONFIG_ENV]).read_text())
+    return run_dir
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        _process_group().barrier()
+
+
+def mixed_precision(cfg: Any) -> str:
+    from finetune import hardware
+
+    return hardware.precision(cfg).mixed
+
+
+def fsdp_settings(cfg: Any, layer_classes: list[str] | None = None) -> dict:
+    """accelerate's FSDP2 settings for this run, by their config-file names (fsdp_*)."""
+    d = cfg.dist
+    ckpt = (
+        cfg.train.gradient_checkpointing
+        if d.activation_checkpointing == "auto"
+        else d.activation_checkpointing
+    )
+    out = {
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one unit per decoder layer
+        "fsdp_reshard_after_forward": bool(d.reshard_after_forward),
+        "fsdp_offload_params": bool(d.cpu_offload),
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_cpu_ram_efficient_loading": True,  # rank 0 reads the weights, the others get their shards
+        "fsdp_activation_checkpointing": bool(ckpt),
+    }
+    if layer_classes:
+        out["fsdp_transformer_layer_cls_to_wrap"] = ",".join(layer_classes)
+    return out
+
+
+def deepspeed_settings(cfg: Any) -> dict:
+    """The DeepSpeed JSON for dist=zero2/zero3 (buckets as memory/distributed.py plans them)."""
+    d, stage = cfg.dist, 2 if cfg.dist.strategy == "zero2" else 3
+    prec = mixed_precision(cfg)
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if stage == 2:
+        zero.update(reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    else:
+        zero.update(
+            reduce_bucket_size="auto",  # hidden^2, filled in by transformers' DeepSpeed integration
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+        if d.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16"},
+        "gradient_accumulation_steps": cfg.batch.grad_accum,
+        "train_micro_batch_size_per_gpu": cfg.batch.size,
+        "gradient_clipping": "auto",
+    }
+
+
+def accelerate_config(cfg: Any, deepspeed_file: Path | None = None) -> dict:
+    """The YAML `accelerate launch --config_file` reads for this run (one machine)."""
+    s, n = cfg.dist.strategy, world_size(cfg)
+    out: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "num_machines": 1,
+        "machine_rank": 0,
+        "num_processes": n,
+        "mixed_precision": mixed_precision(cfg),
+        "use_cpu": cfg.hw.num_gpus == 0,
+        "gpu_ids": "all",
+        "main_training_function": "main",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "distributed_type": {"none": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(s, "DEEPSPEED"),
+    }
+    if cfg.hw.num_gpus == 0:
+        out["distributed_type"] = "MULTI_CPU" if n > 1 else "NO"
+    if s == "fsdp":
+        out["fsdp_config"] = fsdp_settings(cfg)
+    elif s in ("zero2", "zero3"):
+        ds = deepspeed_settings(cfg)
+        z = ds["zero_optimization"]
+        out["deepspeed_config"] = {
+            "zero_stage": z["stage"],
+            "offload_optimizer_device": "cpu" if cfg.dist.offload_optimizer else "none",
+            "offload_param_device": "cpu" if cfg.dist.offload_params else "none",
+            "gradient_accumulation_steps": cfg.batch.grad_accum,
+            "zero3_init_flag": z["stage"] == 3,
+            "zero3_save_16bit_model": z["stage"] == 3,
+        }
+        if deepspeed_file is not None:  # the full JSON, with our bucket sizes
+            out["deepspeed_config"] = {
+                "deepspeed_config_file": str(deepspeed_file),
+                "zero3_init_flag": z["stage"] == 3,
+            }
+    return out
+
+
+def write_accelerate_config(cfg: Any, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    ds_file = None
+    if cfg.dist.strategy in ("zero2", "zero3"):
+        import json
+
+        ds_file = folder / "deepspeed.json"
+        ds_file.write_text(json.dumps(deepspeed_settings(cfg), indent=2))
+    target = folder / "accelerate.yaml"
+    target.write_text(
+        f"# accelerate launch --config_file {target} -m finetune <the run's overrides>\n"
+        + yaml.safe_dump(accelerate_config(cfg, ds_file), sort_keys=False)
+    )
+    return target
+
+
+def trainer_kwargs(cfg: Any) -> dict:
+    """The TrainingArguments that carry dist into the HF Trainer when no accelerate config set the
+    environment (torchrun, or one process): FSDP2 or DeepSpeed through accelerate's plugins."""
+    s = cfg.dist.strategy
+    if s == "fsdp":
+        fsdp = {k.removeprefix("fsdp_"): v for k, v in fsdp_settings(cfg).items()}
+        return {
+            "fsdp": "full_shard auto_wrap" + (" offload" if cfg.dist.cpu_offload else ""),
+            "fsdp_config": fsdp,
+        }
+    if s in ("zero2", "zero3"):
+        return {"deepspeed": deepspeed_settings(cfg)}
+    return {}
+
+
+def should_spawn(cfg: Any) -> bool:
+    """`python -m finetune` planned for N > 1 GPUs and no launcher started us: start N processes."""
+    return world_size(cfg) > 1 and "WORLD_SIZE" not in os.environ and not os.environ.get(SPAWNED)
+
+
+def spawn(cfg: Any, argv: list[str]) -> int:
+    """Start the run again under accelerate's launcher with the generated config; returns its exit code."""
+    import subprocess
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
+    config = write_accelerate_config(cfg, folder)
+    env = {**os.environ, SPAWNED: "1", CONFIG_ENV: str(config)}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "finetune",
+        *argv,
+    ]
+    print(
+        f"finetune: launching {world_size(cfg)} processes with dist={cfg.dist.strategy}: {' '.join(command[2:])}"
+    )
+    sys.stdout.flush()
+    return subprocess.call(command, env=env)
+
+
+def fsdp_mixed_precision(mixed: str):
+    """The MixedPrecisionPolicy our FSDP2 runs use: layers gathered and computed in the 16-bit dtype,
+    gradients reduced in fp32 (summing shards in bf16 loses bits at large GPU counts)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
