@@ -279,7 +279,10 @@ def test_all_linear_as_a_plain_string():
 
 
 def test_unknown_and_encoder_decoder_model_types(tmp_path):
-    for name, config in (("weird", {"model_type": "frobnicator"}), ("t5", {"model_type": "t5", "d_model": 64})):
+    for name, config in (
+        ("weird", {"model_type": "frobnicator"}),
+        ("t5", {"model_type": "t5", "d_model": 64}),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     one_line_error(run_cli(f"model.name_or_path={tmp_path / 'weird'}", module="finetune.plan"), "frobnicator")

@@ -1,0 +1,3 @@
+from finetune.export import main
+
+main()
