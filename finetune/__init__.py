@@ -22,6 +22,13 @@ def warn(message: str) -> None:
     warnings.warn(message, FinetuneWarning, stacklevel=2)
 
 
+def cache_dir() -> Path:
+    """finetune's own cache (converted models, architecture readings): FINETUNE_CACHE or ~/.cache/finetune."""
+    import os
+
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
 def config_dir() -> Path:
     """The packaged configs: finetune/configs in a wheel, the top-level configs/ in a checkout."""
     here = Path(__file__).resolve().parent

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from finetune import UserError
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+from finetune import UserError, cache_dir
 
 
 def _gguf_source(spec: str) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import UserError
+from finetune import UserError, cache_dir
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -156,14 +156,13 @@ def user_base(cfg: Any) -> str:
 def point_adapter_at_user_base(adapter: Path, cfg: Any) -> str | None:
     """Make adapter_config.json (and peft's model card) name the user's base model instead of a path
     inside finetune's cache. Returns the old name when it changed something."""
-    from finetune import models
 
     file = adapter / "adapter_config.json"
     if not file.is_file():
         return None
     config = json.loads(file.read_text())
     old, new = config.get("base_model_name_or_path"), user_base(cfg)
-    cache = str(models.cache_dir().expanduser().resolve())
+    cache = str(cache_dir().expanduser().resolve())
     if not old or old == new or not str(Path(old).expanduser().resolve()).startswith(cache):
         return None
     config["base_model_name_or_path"] = new

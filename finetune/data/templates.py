@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import UserError, warn
+from finetune import UserError, cache_dir, warn
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -68,7 +68,7 @@ def tokenizer_only(cfg: Any, local_only: bool = False):
 
     m = cfg.model
     if m.gguf_file and source.is_catalog(m):  # the GGUF is the catalog model's copy, not another's
-        converted = models.cache_dir() / "models" / m.name
+        converted = cache_dir() / "models" / m.name
         if (converted / "tokenizer_config.json").is_file():
             return load_tokenizer(str(converted), cfg, local_only)
         gguf = models._gguf_source(m.gguf_file)

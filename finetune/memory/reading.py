@@ -47,7 +47,7 @@ def _shipped() -> dict:
 
 
 def _cache_file(k: str) -> Path:
-    from finetune.models import cache_dir
+    from finetune import cache_dir
 
     return cache_dir() / "readings" / f"{k}.json"
 
