@@ -39,13 +39,19 @@ def _convert_gguf(spec: str, target: Path) -> None:
     # already dequantized to float, so the marker is all there is to clear.
     model.hf_quantizer = None
     model.is_quantized = False
+    _cache_aside(target, model, tokenizer)
+
+
+def _cache_aside(target: Path, model, processor) -> None:
+    """Save a float copy of a model and its tokenizer/processor into the cache: written aside and
+    renamed, so an interrupted conversion is never mistaken for a finished one."""
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        processor.save_pretrained(partial)
         partial.rename(target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -131,17 +137,7 @@ def _dequantized_copy(path: str, cfg: Any) -> str:
         quantization_config=_prequantized(path, cfg),
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(partial)
-        del model
-        load_processor(path, cfg.model).save_pretrained(partial)
-        partial.rename(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    _cache_aside(target, model, load_processor(path, cfg.model))
     return str(target)
 
 
