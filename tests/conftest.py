@@ -194,3 +194,16 @@ def run_cli(*args: str, module: str = "finetune", cwd: Path | None = None, timeo
         env=env,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """The trained default job (python -m finetune), once per session for the merge, export and chat
+    slow tests; FINETUNE_DEFAULT_RUN=<its run folder> reuses one trained earlier."""
+    given = os.environ.get("FINETUNE_DEFAULT_RUN")
+    if given:
+        return Path(given)
+    from finetune import pipeline
+
+    out = tmp_path_factory.mktemp("default")
+    return pipeline.run(compose([f"output_dir={out}", "run_name=default"])).run_dir

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose, run_cli, tiny_overrides
-from test_merge import default_run  # noqa: F401 - the slow test's trained default job
 
 from finetune import pipeline, runfolder
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CHATML, build_tiny_model, compose, run_cli, tiny_overrides
-from test_merge import default_run  # noqa: F401 - the slow tests' trained default job
 
 from finetune import UserError, pipeline, runfolder
 from finetune.export import export, ollama

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -163,19 +162,3 @@ def test_default_model_merges_and_names_the_hub_base(default_run, tmp_path):
     ids = _prompt_ids(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapter_model(ids).logits, atol=1e-3, rtol=1e-3)
-
-
-_TRAINED: dict[str, Path] = {}  # one default job per session, shared by the merge, export and chat tests
-
-
-@pytest.fixture(scope="session")
-def default_run(tmp_path_factory) -> Path:
-    """The trained default job (python -m finetune); FINETUNE_DEFAULT_RUN=<its folder> reuses one."""
-    if "run" not in _TRAINED:
-        given = os.environ.get("FINETUNE_DEFAULT_RUN")
-        if given:
-            _TRAINED["run"] = Path(given)
-        else:
-            out = tmp_path_factory.mktemp("default")
-            _TRAINED["run"] = pipeline.run(compose([f"output_dir={out}", "run_name=default"])).run_dir
-    return _TRAINED["run"]
