@@ -127,7 +127,10 @@ def _dequantized_copy(path: str, cfg: Any) -> str:
     """A bf16 safetensors copy of an MXFP4 checkpoint (once, in the cache), for bitsandbytes to load."""
     from transformers import AutoModelForCausalLM
 
-    target = cache_dir() / "dequantized" / path.strip("/").replace("/", "--")
+    # a local folder by where it is, not how it was named: ./gpt-oss from two directories is two models
+    local = Path(path).expanduser()
+    key = str(local.resolve()) if local.is_dir() else path
+    target = cache_dir() / "dequantized" / key.strip("/").replace("/", "--")
     if (target / "config.json").is_file():
         return str(target)
     print(f"Dequantizing the MXFP4 experts of {path} to bf16 in {target} (once; later runs load it directly)")

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, compose, tiny_overrides
+from conftest import TINY_DIMS, build_tiny_model, compose, tiny_overrides
 
 from finetune import experts, memory, models
+from finetune.memory.tensors import ROUTERS
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+# DeepSeek-V2/V3 at tiny widths: multi-head latent attention (q/kv LoRA ranks), one dense layer before
+# the MoE layer, one shared expert (an ordinary MLP of nn.Linear, quantized by bitsandbytes itself)
+_DEEPSEEK = {
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+}
+SHARED_EXPERTS = {"qwen2_moe", "deepseek_v2", "deepseek_v3"}
+_SHARED = re.compile(r".*\.shared_experts?\.(gate|up|down)_proj")
 FAMILIES = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {
@@ -21,13 +42,25 @@ FAMILIES = {
         "shared_expert_intermediate_size": 64,
     },
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": {**_DEEPSEEK, "n_group": 1, "topk_group": 1},  # one group: every expert reachable
 }
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def moe(request, tmp_path_factory):
     arch = request.param
-    return arch, build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch, **FAMILIES[arch])
+    folder = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch, **FAMILIES[arch])
+    if arch.startswith("deepseek"):
+        # MLA expands keys and values to every head; its config takes num_key_value_heads == heads (the
+        # real checkpoints' 128 == 128), which the shared tiny widths (2 of 4) would break in attention
+        _set_config(folder, num_key_value_heads=TINY_DIMS["num_attention_heads"])
+    return arch, folder
+
+
+def _set_config(folder, **values) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | values, indent=2))
 
 
 def _cfg(folder, tmp_path, *extra):
@@ -60,6 +93,13 @@ def test_expert_storage_is_quantized_and_estimated(moe, tmp_path, quant, ceiling
     cfg = _cfg(folder, tmp_path, f"quant={quant}")
     model = models.load_model(str(folder), cfg, torch.float32)
     assert experts.twins(model) and not experts.fused_experts(model)
+    # shared experts (Qwen-MoE, DeepSeek) are ordinary MLPs: bitsandbytes' own Linear4bit/Linear8bitLt
+    import bitsandbytes as bnb
+
+    shared = [m for n, m in model.named_modules() if _SHARED.fullmatch(n)]
+    linear = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
+    want = 3 * len(experts.twins(model)) if arch in SHARED_EXPERTS else 0  # gate, up, down per MoE layer
+    assert len(shared) == want and all(isinstance(m, linear) for m in shared), (arch, shared)
     stored, dense = _stored_bytes(model), _dense_expert_bytes(folder)
     assert stored < ceiling * dense, (stored, dense)  # 4-bit: ~0.27 of bf16 at these tiny widths
     # the estimator's expert storage matches the real bytes (constants included)
@@ -113,12 +153,16 @@ def test_qlora_trains_every_expert_adapter_and_merges(moe, tmp_path):
         "down_proj_lora_A",
         "down_proj_lora_B",
     }
-    assert not any("router" in n or ".gate." in n or n.endswith(".gate") for n in trainable)  # routers frozen
+    named = dict(trainer.model.named_parameters())
+    routers = {n: p.detach().clone() for n, p in named.items() if re.match(ROUTERS + r"\.", n)}
+    assert routers and not set(routers) & trainable, sorted(routers)  # routers frozen (and not adapted)
     before = {n: p.detach().clone() for n, p in expert_adapters.items()}
     trainer.train()
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     assert losses[-1] < losses[0], losses
-    assert all(not torch.equal(p.detach(), before[n]) for n, p in expert_adapters.items())  # all moved
+    for n, p in expert_adapters.items():  # every expert's A and B moved: each had a non-zero gradient
+        assert all(not torch.equal(p[e].detach(), before[n][e]) for e in range(p.shape[0])), n
+    assert all(torch.equal(named[n], p) for n, p in routers.items())
 
     # one more backward: every expert adapter (gate_up and down, A and B) gets a non-zero gradient
     trainer.model.zero_grad()
@@ -137,6 +181,12 @@ def test_qlora_trains_every_expert_adapter_and_merges(moe, tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         want = trainer.model(**batch).logits
+        scales = [(m, m.scale) for _, m in experts.twins(trainer.model)]
+        for m, _ in scales:
+            m.scale = 0.0  # expert adapters off: what is left to compare is PEFT's own merge
+        want_without = trainer.model(**batch).logits
+        for m, scale in scales:
+            m.scale = scale
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -158,11 +208,15 @@ def test_qlora_trains_every_expert_adapter_and_merges(moe, tmp_path):
             target.weight.data.copy_(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state))
     merged = PeftModel.from_pretrained(dequantized, str(adapter_dir)).merge_and_unload()
     with torch.no_grad():
-        unmerged_experts = (merged(**batch).logits - want).abs().mean()
-        assert experts.merge_expert_adapters(merged, adapter_dir) == 4
+        plain = merged(**batch).logits
+        floor = (plain - want_without).abs().mean()  # PEFT's bf16 adapters against their fp32 merge
+        unmerged_experts = (plain - want).abs().mean()
+        assert experts.merge_expert_adapters(merged, adapter_dir) == 2 * len(experts.twins(trainer.model))
         err = (merged(**batch).logits - want).abs()
-    # bf16 adapters against fp32 merged weights; a near-tie in a tiny router may flip one token's expert
-    assert err.mean() < 5e-3 and err.mean() < unmerged_experts / 3, (err.mean(), err.max(), unmerged_experts)
+    # merging the experts removes what their adapters add, down to PEFT's floor (DeepSeek's one MoE layer
+    # adds little); a near-tie in a tiny router may flip one token's expert
+    excess = (err.mean() - floor, unmerged_experts - floor)
+    assert err.mean() < 5e-3 and excess[0] < excess[1] / 3, (err.mean(), err.max(), floor, unmerged_experts)
 
 
 def test_adapters_round_trip_for_resume(moe, tmp_path):
@@ -185,3 +239,109 @@ def test_only_expert_targets_is_refused(tmp_path):
     cfg = compose(tiny_overrides(tmp_path, tmp_path, "quant=4bit", "lora.target_modules=[gate_up_proj]"))
     with pytest.raises(UserError, match="names only expert stacks"):
         models.peft_config(cfg)
+
+
+@pytest.mark.parametrize("moe", sorted(SHARED_EXPERTS), indirect=True)
+def test_shared_experts_get_peft_lora_under_all_linear(moe, tmp_path, request):
+    arch, folder = moe
+    if arch.startswith("deepseek"):
+        # PEFT 0.21 on transformers 5 renames the v4 expert targets of Qwen2-MoE-patterned models (DeepSeek,
+        # Qwen3-MoE, OLMoE, ...): gate_proj/up_proj/down_proj leave target_modules for target_parameters,
+        # so the shared experts' and the dense layers' Linear4bit are not adapted (Qwen2-MoE itself is not
+        # in transformers' pattern table): huggingface/peft#3711, fix proposed in peft#3715. Until then
+        # finetune.models.peft_config would have to get around it.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="PEFT moves MLP names out of targets"))
+    from peft import get_peft_model
+
+    cfg = _cfg(folder, tmp_path, "quant=4bit")
+    model = get_peft_model(models.load_model(str(folder), cfg, torch.float32), models.peft_config(cfg))
+    adapted = {n.partition(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, _ in model.named_modules() if _SHARED.fullmatch(n)} <= adapted, sorted(adapted)
+
+
+# ---- gpt-oss as shipped: experts in MXFP4 (two e2m1 values a byte, one e8m0 exponent per 32 values)
+
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+FP4_E2M1 = torch.tensor(_E2M1 + [-x for x in _E2M1])  # code 8..15: the sign bit
+
+
+def _to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., n] -> blocks [..., n/32, 16] uint8 (low nibble first) and scales [..., n/32] uint8, the
+    layout of gpt-oss's checkpoints: each group of 32 scaled by 2^(e-127) so its largest value fits 6."""
+    groups = w.float().reshape(*w.shape[:-1], -1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6)), torch.zeros_like(amax)).clamp(-127, 127)
+    codes = (groups / torch.exp2(exp)).unsqueeze(-1).sub(FP4_E2M1).abs().argmin(-1)  # round to nearest
+    blocks = (codes[..., 0::2] | codes[..., 1::2] << 4).to(torch.uint8)
+    return blocks, (exp.squeeze(-1) + 127).to(torch.uint8)
+
+
+def _from_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    values = torch.stack([FP4_E2M1[(blocks & 15).long()], FP4_E2M1[(blocks >> 4).long()]], -1)
+    values = values.reshape(*blocks.shape[:-1], 32) * torch.exp2(scales.float() - 127).unsqueeze(-1)
+    return values.reshape(*blocks.shape[:-2], -1)
+
+
+def _save_mxfp4(bf16_folder, folder) -> dict[str, torch.Tensor]:
+    """A copy of a tiny gpt-oss with its experts in MXFP4 as the hub ships them; returns each stack as the
+    MXFP4 values ([experts, in, out], what transformers should dequantize to)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(bf16_folder, folder)
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    values = {}
+    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _to_mxfp4(state.pop(key).transpose(1, 2))  # groups run along the input: [E, out, in]
+        state[f"{key}_blocks"], state[f"{key}_scales"] = blocks, scales
+        values[key] = _from_mxfp4(blocks, scales).transpose(1, 2)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    skip = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    mxfp4 = {"quant_method": "mxfp4", "modules_to_not_convert": skip}  # as in openai/gpt-oss-20b
+    _set_config(folder, dtype="bfloat16", quantization_config=mxfp4)
+    return values
+
+
+def _groups(stack: torch.Tensor) -> torch.Tensor:
+    """[E, in, out] -> [E, out, in/32, 32]: the MXFP4 blocks of a gpt-oss stack."""
+    return stack.transpose(1, 2).reshape(stack.shape[0], stack.shape[2], -1, 32)
+
+
+@pytest.mark.parametrize("moe", ["gpt_oss"], indirect=True)
+def test_mxfp4_checkpoint_is_dequantized_once_then_nf4(moe, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    bf16, folder = moe[1], tmp_path / "mxfp4"
+    values = _save_mxfp4(bf16, folder)
+    original = load_file(str(bf16 / "model.safetensors"))
+    for key, v in values.items():  # the format's own rounding: half of 4..6, one block scale < amax/3
+        w = original[key].to(torch.bfloat16).float()
+        step = _groups(w).abs().amax(-1, keepdim=True) / 3
+        assert (_groups(v - w).abs() <= step).all() and 0 < (v - w).norm() / w.norm() < 0.2, key
+
+    cfg = _cfg(folder, tmp_path, "quant=4bit")
+    model = models.load_model(str(folder), cfg, torch.float32)
+    copy = models._dequantized_copy(str(folder), cfg)  # the bf16 copy load_model wrote, found again
+    monkeypatch.chdir(tmp_path)
+    assert models._dequantized_copy("mxfp4", cfg) == copy  # a local folder is cached by where it is
+    assert capsys.readouterr().out.count("Dequantizing the MXFP4 experts") == 1
+    dequantized = load_file(str(Path(copy) / "model.safetensors"))
+    for key, v in values.items():  # transformers' CPU dequantization reads the bytes as we wrote them
+        assert dequantized[key].dtype == torch.bfloat16 and torch.equal(dequantized[key].float(), v), key
+
+    twins = experts.twins(model)
+    assert len(twins) == 2 and all(m.bits == "4bit" and m.quant_type == "nf4" for _, m in twins)
+    for name, twin in twins:  # NF4 of the MXFP4 values: [out, in] per expert, NF4's rounding away
+        for kind in ("gate_up_proj", "down_proj"):
+            v = values[f"{name}.{kind}"].transpose(1, 2)
+            w = torch.stack([twin.weight(kind, e, torch.float32) for e in range(twin.num_experts)])
+            assert (w - v).norm() / v.norm() < 0.15, (name, kind, (w - v).norm() / v.norm())
+
+    trainer = _sft(model, cfg, models.load_processor(str(folder), cfg.model), tmp_path / "run", steps=2)
+    before = {n: p.detach().clone() for n, p in experts.adapter_parameters(trainer.model).items()}
+    trainer.train()
+    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
+    assert all(not torch.equal(p, before[n]) for n, p in experts.adapter_parameters(trainer.model).items())
