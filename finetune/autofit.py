@@ -19,7 +19,7 @@ from typing import Any
 
 from finetune import UserError, config_dir, hardware, launch, memory, source, warn
 from finetune.memory import distributed
-from finetune.schema import AUTO, FULL_LR, LORA_LR, command_line_keys, targets
+from finetune.schema import AUTO, FULL_LR, LORA_LR, Config, HardwareConfig, command_line_keys, targets
 
 SAFETY_MARGIN = 0.10
 """Plan to 90% of the GPU's memory: the estimate is a model, long batches vary, other processes live."""
@@ -49,7 +49,7 @@ QUANT_TIME = {"none": 1.0, "8bit": 1 / 0.8, "4bit": 1 / 0.6}
 
 @dataclass
 class Plan:
-    cfg: Any  # the resolved config: no `auto` left
+    cfg: Config  # the resolved config: no `auto` left
     decisions: list[tuple[str, str, str]]  # (setting, value, why)
     estimate: memory.Estimate
     budget_gib: float
@@ -70,7 +70,7 @@ def budget_gib(hw: Any) -> float:
     return max(total - CPU_RESERVE_GIB, total / 2) * (1 - SAFETY_MARGIN)
 
 
-def host_budget_gib(cfg: Any, world: int) -> float:
+def host_budget_gib(cfg: Config, world: int) -> float:
     """Host RAM the plan may use for offloaded state, for the whole machine."""
     host = cfg.dist.host_memory_gb
     if host == AUTO:
@@ -83,14 +83,14 @@ def host_budget_gib(cfg: Any, world: int) -> float:
     return host * (1 - SAFETY_MARGIN)
 
 
-def layouts(cfg: Any, world: int) -> list[tuple[str, distributed.Layout, dict]]:
+def layouts(cfg: Config, world: int) -> list[tuple[str, distributed.Layout, dict]]:
     """(dist option, layout, the dist keys it sets) to try, in order of preference."""
     d = cfg.dist
 
     def layout(name: str, keys: dict) -> tuple[str, distributed.Layout, dict]:
         merged = {
             **{
-                k: d[k]
+                k: getattr(d, k)
                 for k in ("reshard_after_forward", "cpu_offload", "offload_optimizer", "offload_params")
             },
             **keys,
@@ -121,7 +121,7 @@ def layouts(cfg: Any, world: int) -> list[tuple[str, distributed.Layout, dict]]:
     ]
 
 
-def settings(cfg: Any, arch: dict, **pick: Any) -> memory.Settings:
+def settings(cfg: Config, arch: dict, **pick: Any) -> memory.Settings:
     """The estimator's view of a config, with the candidate values in `pick`."""
     lo, q = cfg.lora, cfg.quant
     return memory.Settings(
@@ -179,7 +179,7 @@ def _pinned(value: Any) -> bool:
     return value != AUTO
 
 
-def _search(cfg: Any, arch: dict, budget: float, world: int | None = None):
+def _search(cfg: Config, arch: dict, budget: float, world: int | None = None):
     """(pick, estimate, fits): the preferred candidate that fits, or the smallest one if none does."""
     gpus = world or launch.world_size(cfg)
     b, host = cfg.batch, host_budget_gib(cfg, gpus)
@@ -235,27 +235,27 @@ def _search(cfg: Any, arch: dict, budget: float, world: int | None = None):
     return smallest[0], smallest[1], False
 
 
-def _resolve_hw(cfg: Any) -> str:
+def _resolve_hw(cfg: Config) -> str:
     if cfg.hw.name != AUTO:
         reason = f"preset hw={cfg.hw.name}"
     else:
         # Detection fills what the user left alone: hw.num_gpus=1 or hw.gpu_memory_gb=20 are kept.
-        from omegaconf import OmegaConf
-
-        from finetune.schema import HardwareConfig
-
-        defaults, named = OmegaConf.structured(HardwareConfig), command_line_keys()
+        defaults, named = HardwareConfig(), command_line_keys()
         found = hardware.detect()
-        kept = [k for k in found if k != "name" and (f"hw.{k}" in named or cfg.hw[k] != defaults[k])]
+        kept = [
+            k
+            for k in found
+            if k != "name" and (f"hw.{k}" in named or getattr(cfg.hw, k) != getattr(defaults, k))
+        ]
         for key, value in found.items():
             if key not in kept:
-                cfg.hw[key] = value
+                setattr(cfg.hw, key, value)
         if cfg.hw.num_gpus == 0:
             reason = "detected: no GPU, planning for this machine's RAM"
         else:
             reason = f"detected: {found['num_gpus']} GPU(s), {found['gpu_memory_gb']:g} GiB free each"
         if kept:
-            reason += f" (kept yours: {', '.join(f'hw.{k}={cfg.hw[k]}' for k in kept)})"
+            reason += f" (kept yours: {', '.join(f'hw.{k}={getattr(cfg.hw, k)}' for k in kept)})"
     if cfg.hw.bf16 and cfg.hw.compute_capability is not None and cfg.hw.compute_capability < 8.0:
         warn(
             f"hw.bf16=true is ignored: {cfg.hw.name} (compute capability {cfg.hw.compute_capability:g}) has no "
@@ -265,14 +265,14 @@ def _resolve_hw(cfg: Any) -> str:
     return reason
 
 
-def _resolve_lr(cfg: Any) -> str:
+def _resolve_lr(cfg: Config) -> str:
     if cfg.optim.lr != AUTO:
         return ""
     cfg.optim.lr = LORA_LR if cfg.lora.enabled else FULL_LR
     return f" (auto: the {'LoRA' if cfg.lora.enabled else 'full fine-tune'} default)"
 
 
-def attention(cfg: Any, arch: dict) -> str:
+def attention(cfg: Config, arch: dict) -> str:
     """model.attn_implementation, with auto as FlashAttention-2 where the GPU, the installed kernels
     and the model class have it, else PyTorch's SDPA where the class has it, else eager."""
     if cfg.model.attn_implementation != AUTO:
@@ -283,7 +283,7 @@ def attention(cfg: Any, arch: dict) -> str:
     return "sdpa" if "sdpa" in supported else "eager"
 
 
-def _resolve_attention(cfg: Any, arch: dict) -> tuple[str, str, str] | None:
+def _resolve_attention(cfg: Config, arch: dict) -> tuple[str, str, str] | None:
     supported = memory.attention_implementations(arch)
     if cfg.model.attn_implementation != AUTO:
         if cfg.model.attn_implementation not in supported:
@@ -306,7 +306,7 @@ def _resolve_attention(cfg: Any, arch: dict) -> tuple[str, str, str] | None:
     return ("attention", cfg.model.attn_implementation, f"auto: {why}")
 
 
-def resolve(cfg: Any) -> Plan:
+def resolve(cfg: Config) -> Plan:
     """A copy of `cfg` with every `auto` filled, the reasons, and the memory estimate."""
     cfg = copy.deepcopy(cfg)
     hw_reason = _resolve_hw(cfg)
@@ -340,11 +340,13 @@ def resolve(cfg: Any) -> Plan:
     )
 
 
-def _resolve_dist(cfg: Any, pick: dict, est: distributed.DeviceEstimate, fits: bool) -> tuple[str, str, str]:
+def _resolve_dist(
+    cfg: Config, pick: dict, est: distributed.DeviceEstimate, fits: bool
+) -> tuple[str, str, str]:
     """Fill dist=auto with the chosen option's keys; the plan row says what each GPU holds."""
     auto = cfg.dist.strategy == AUTO
     for key, value in pick["dist_keys"].items():
-        cfg.dist[key] = value
+        setattr(cfg.dist, key, value)
     n = est.world_size
     value = "one process" if cfg.dist.strategy == "none" else f"{cfg.dist.strategy} x {n}"
     if cfg.dist.strategy in ("fsdp", "zero2", "zero3") and (
@@ -394,18 +396,18 @@ def _reasons(before: dict, pick: dict, fits: bool) -> list[tuple[str, str, str]]
     return rows
 
 
-def smallest_gpu(cfg: Any, arch: dict) -> str | None:
+def smallest_gpu(cfg: Config, arch: dict) -> str | None:
     """The smallest GPU preset on which this config (its `auto` fields re-resolved) fits."""
     for preset in hardware.presets():
         trial = copy.deepcopy(cfg)
         for key, value in preset.items():
-            trial.hw[key] = value
+            setattr(trial.hw, key, value)
         if _search(trial, arch, budget_gib(trial.hw), world=1)[2]:
             return preset["name"]
     return None
 
 
-def smallest_count(cfg: Any, arch: dict, hw: Any) -> tuple[int, str, Any] | None:
+def smallest_count(cfg: Config, arch: dict, hw: Any) -> tuple[int, str, Any] | None:
     """(GPU count, dist option, estimate per GPU): the fewest GPUs like `hw` that hold this config
     (its `auto` fields re-resolved, batch.effective kept), or None up to MAX_GPUS."""
     if hw.num_gpus == 0:
@@ -416,8 +418,7 @@ def smallest_count(cfg: Any, arch: dict, hw: Any) -> tuple[int, str, Any] | None
         if b.effective is not None and b.effective % (pinned * n):
             continue  # batch.effective stays fixed: it must split over n GPUs
         trial = copy.deepcopy(cfg)
-        for key in hw:
-            trial.hw[key] = hw[key]
+        trial.hw = copy.deepcopy(hw)
         trial.hw.num_gpus = n
         pick, est, fits = _search(trial, arch, budget_gib(trial.hw), world=n)
         if fits:

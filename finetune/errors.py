@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from finetune import UserError, config_dir
-from finetune.schema import did_you_mean, unknown_key
+from finetune.schema import Config, did_you_mean, unknown_key
 
 
 def _where(err: OmegaConfBaseException) -> str:
@@ -198,7 +198,7 @@ def _check_argv(argv: list[str]) -> None:
 
 
 def run_cli(
-    job: Callable[[typing.Any], None],
+    job: Callable[[Config], None],
     command: str = "finetune",
     summary: str = "Fine-tune a model: compose the config groups, plan the run for the GPU, then train.",
     options: dict[str, str] | None = None,
@@ -226,8 +226,10 @@ def run_cli(
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="finetune")
     def _job(cfg: typing.Any) -> None:
         _sweep_heading(machine_output)
+        from finetune import schema
+
         try:
-            job(cfg)
+            job(schema.typed(cfg))  # validated once; every module takes the typed Config from here
         except UserError as err:  # inside the job: Hydra would print a banner before re-raising
             _fail(str(err))
 

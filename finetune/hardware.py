@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from finetune import config_dir, warn
+from finetune.schema import Config
 
 
 def presets() -> list[dict]:
@@ -75,7 +76,7 @@ class Precision:
     why: str
 
 
-def precision(cfg: Any) -> Precision:
+def precision(cfg: Config) -> Precision:
     """Pick the dtype from the hardware unless model.dtype pins it; warn when a pin cannot be honoured."""
     hw, wanted = cfg.hw, cfg.model.dtype
     if hw.num_gpus == 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import UserError, checkpoints
+from finetune.schema import Config
 
 # Keys that change how long the run goes on or what it records, never what it computes: the data
 # order, the model, the optimizer and the schedule's shape stay those of the checkpoint.
@@ -120,7 +121,7 @@ class Signals:
         raise SystemExit(exit_code(err.signum)) from None
 
 
-def callbacks(signals: Signals, cfg: Any, run_dir: Path, has_eval: bool) -> list:
+def callbacks(signals: Signals, cfg: Config, run_dir: Path, has_eval: bool) -> list:
     """The TrainerCallbacks of a run, in the order they must see each step."""
     from transformers import TrainerCallback
 
@@ -235,7 +236,7 @@ def plot_losses(history: list[dict], target: Path) -> None:
 @dataclass
 class Resume:
     run_dir: Path
-    cfg: Any  # the run's saved config with the allowed overrides applied
+    cfg: Config  # the run's saved config with the allowed overrides applied
     checkpoint: Path | None  # None: no complete checkpoint yet, the run starts again from step 0
     finished: str | None  # a line saying the run is done and nothing asks for more, else None
 
@@ -263,33 +264,35 @@ def _last_active(run_dir: Path) -> float:
     return max(p.stat().st_mtime for p in paths if p.exists())
 
 
-def resume_point(cfg: Any, overrides: list[str]) -> Resume:
+def resume_point(cfg: Config, overrides: list[str]) -> Resume:
     """The run to continue, its saved config with the command line's allowed `overrides` applied
     (any other override is refused), and the checkpoint to start from."""
+    import dataclasses
     import json
-
-    from omegaconf import OmegaConf
 
     from finetune import schema
 
     run_dir = find_run(cfg.resume, cfg.output_dir)
-    saved = OmegaConf.merge(OmegaConf.structured(schema.Config), OmegaConf.load(run_dir / "config.yaml"))
+    saved = schema.load(run_dir / "config.yaml")
     changed = []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key in ("resume", "output_dir"):  # where to find the run, not how it trains
             continue
         if key not in RESUMABLE:
-            was = OmegaConf.select(saved, key, default=None)
-            shown = f" (the run used {key}={was})" if was is not None and not OmegaConf.is_config(was) else ""
+            try:
+                was = schema.get(saved, key)
+            except AttributeError:
+                was = None
+            shown = f" (the run used {key}={was})" if was is not None and not dataclasses.is_dataclass(was) else ""
             raise UserError(
                 f"resume: {key} cannot change when resuming a run{shown}: only {', '.join(RESUMABLE)} can. "
                 "Start a new run to change it."
             )
-        value = OmegaConf.select(cfg, key)
-        if value != OmegaConf.select(saved, key):
+        value = schema.get(cfg, key)
+        if value != schema.get(saved, key):
             changed.append(key)
-        OmegaConf.update(saved, key, value, merge=False)
+        schema.put(saved, key, value)
     saved.resume = str(run_dir)
     checkpoint, notes = checkpoints.latest(run_dir / "checkpoints")
     for note in notes:

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune import UserError, autofit, data, hardware, launch, lifecycle, plan, schema
+from finetune.schema import Config
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Result:
     summary: dict
 
 
-def run(cfg: Any) -> Result | None:
+def run(cfg: Config) -> Result | None:
     cfg = copy.deepcopy(cfg)  # plan.make fills data.max_length=auto in place
     launch.quiet_replicas()  # several processes (#13): rank 0 alone prints
     resume = lifecycle.resume_point(cfg, lifecycle.command_line()) if cfg.resume else None
@@ -65,7 +66,7 @@ def run(cfg: Any) -> Result | None:
             signals.interrupted(err)
 
 
-def _check_output_dir(cfg: Any) -> None:
+def _check_output_dir(cfg: Config) -> None:
     """output_dir must be a folder we can write, found out now and not after minutes of loading."""
     base = Path(cfg.output_dir).expanduser()
     if base.exists() and not base.is_dir():
@@ -80,7 +81,7 @@ def _check_output_dir(cfg: Any) -> None:
         ) from None
 
 
-def _check_runtime(cfg: Any) -> None:
+def _check_runtime(cfg: Config) -> None:
     """Fail before loading anything when the machine cannot run what the config asks for."""
     import torch
 
@@ -114,13 +115,13 @@ def _check_runtime(cfg: Any) -> None:
             )
 
 
-def _trackers(cfg: Any) -> list[str]:
+def _trackers(cfg: Config) -> list[str]:
     value = cfg.train.report_to
     names = [value] if isinstance(value, str) else list(value)
     return [n for n in names if n != "none"]
 
 
-def _new_run_dir(cfg: Any) -> Path:
+def _new_run_dir(cfg: Config) -> Path:
     """A fresh folder for this run; never reuses (and so never overwrites) an earlier one."""
     base = Path(cfg.output_dir)
     base.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def _new_run_dir(cfg: Any) -> Path:
     raise UserError(f"could not create a new run folder under {base}.")
 
 
-def _sft_config(cfg: Any, run_dir: Path, prec: hardware.Precision):
+def _sft_config(cfg: Config, run_dir: Path, prec: hardware.Precision):
     from trl import SFTConfig
 
     o, t = cfg.optim, cfg.train
@@ -189,7 +190,7 @@ def _sft_config(cfg: Any, run_dir: Path, prec: hardware.Precision):
     )
 
 
-def _train(cfg: Any, resume: lifecycle.Resume | None, signals: lifecycle.Signals) -> Result:
+def _train(cfg: Config, resume: lifecycle.Resume | None, signals: lifecycle.Signals) -> Result:
     import logging
 
     # On CPU, bitsandbytes tries to fetch an optional kernel from the hub at import and logs a
@@ -265,7 +266,7 @@ def _train(cfg: Any, resume: lifecycle.Resume | None, signals: lifecycle.Signals
     return Result(run_dir, trainer.model, summary)
 
 
-def _write_config(cfg: Any, run_dir: Path) -> None:
+def _write_config(cfg: Config, run_dir: Path) -> None:
     """<run>/config.yaml: the fully resolved config, which resume, merge, export and chat read."""
     saved = copy.deepcopy(cfg)
     saved.resume = None  # how this process was started, not part of the run
@@ -294,7 +295,7 @@ def _gpu_memory_log():
     return GpuMemoryLog()
 
 
-def _save(trainer, processor, target: Path, cfg: Any) -> None:
+def _save(trainer, processor, target: Path, cfg: Config) -> None:
     """Write the weights aside and rename: a crash mid-save never leaves a half-written model."""
     partial = target.with_name(f".{target.name}.partial")
     if launch.is_main():  # (#13) every rank takes part in save_model, rank 0 alone writes the rest

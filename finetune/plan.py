@@ -7,25 +7,25 @@ model (full fine-tune, LoRA, LoRA + 4-bit, LoRA + 8-bit, inference), and loads n
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import sys
-from typing import Any
-
-from omegaconf import OmegaConf
 
 from finetune import autofit, hardware, launch, memory, source
 from finetune.memory import distributed
+from finetune.schema import Config, HardwareConfig
 from finetune.schema import targets as lora_targets
 
 
-def seconds_per_100_steps(p: Any) -> float | None:
+def seconds_per_100_steps(p: autofit.Plan) -> float | None:
     if not p.tokens_per_second:
         return None
     c = p.cfg
     return 100 * c.batch.effective * c.data.max_length / p.tokens_per_second
 
 
-def rows(p: Any) -> list[tuple[str, str, str]]:
+def rows(p: autofit.Plan) -> list[tuple[str, str, str]]:
     """(setting, value, why) for the plan table of a resolved plan (finetune.autofit.Plan)."""
     c = p.cfg
     m, lo, o, d, t = c.model, c.lora, c.optim, c.data, c.train
@@ -103,22 +103,22 @@ def _table(title: str, header: tuple[str, ...], body: list[tuple[str, ...]]):
     return table
 
 
-def show(p: Any) -> None:
+def show(p: autofit.Plan) -> None:
     c = p.cfg
     _console().print(
         _table(f"finetune plan: {c.model.name} on {c.hw.name}", ("setting", "value", "why"), rows(p))
     )
 
 
-def methods(cfg: Any) -> dict:
+def methods(cfg: Config) -> dict:
     """The seed guide's comparison for one model: training memory of each method with the smallest
     GPU that holds it, and inference memory at 16/8/4 bits. Micro-batch 1, gradient checkpointing,
     AdamW, the config's max_length; LoRA at the config's rank (16 when auto)."""
     arch = source.architecture(cfg.model)
     r = cfg.lora.r if cfg.lora.r != "auto" else autofit.LORA_RANK
     base = {"optim": "adamw", "size": 1, "accum": 1, "ckpt": True, "r": r}
-    full = OmegaConf.merge(cfg, {"lora": {"enabled": False}})
-    lora = OmegaConf.merge(cfg, {"lora": {"enabled": True}})
+    full, lora = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    full.lora.enabled, lora.lora.enabled = False, True
     gpus = hardware.presets()
 
     def smallest(gib: float) -> str:
@@ -126,8 +126,9 @@ def methods(cfg: Any) -> dict:
         return fit or "none (shard across GPUs)"
 
     # a method no single GPU holds: the fewest of the named GPU (else the largest preset) that do
-    named = dict(cfg.hw) if cfg.hw.num_gpus > 0 else max(gpus, key=lambda g: g["gpu_memory_gb"])
-    sharded = OmegaConf.merge(cfg, {"hw": named})
+    sharded = copy.deepcopy(cfg)
+    if cfg.hw.num_gpus == 0:
+        sharded.hw = HardwareConfig(**max(gpus, key=lambda g: g["gpu_memory_gb"]))
 
     def several(s: memory.Settings) -> dict | None:
         budget = autofit.budget_gib(sharded.hw)
@@ -139,7 +140,7 @@ def methods(cfg: Any) -> dict:
                 if est.total_gib <= budget and est.host_gib <= autofit.host_budget_gib(sharded, n):
                     return {
                         "num_gpus": n,
-                        "gpu": named["name"],
+                        "gpu": sharded.hw.name,
                         "dist": option,
                         "per_device_gib": round(est.total_gib, 2),
                         "host_gib": round(est.host_gib, 1),
@@ -169,7 +170,7 @@ def methods(cfg: Any) -> dict:
     return {"training": training, "inference": inference, "assumptions": methods.__doc__.split("GPUs, ")[0]}
 
 
-def show_methods(cfg: Any, table: dict) -> None:
+def show_methods(cfg: Config, table: dict) -> None:
     t, i = table["training"], table["inference"]
     train_row = tuple(
         f"{t[k]['gib']:.1f} GiB ({t[k]['smallest_gpu']})" for k in ("full", "lora", "lora_4bit", "lora_8bit")
@@ -192,10 +193,10 @@ def show_methods(cfg: Any, table: dict) -> None:
     )
 
 
-def as_json(p: Any, table: dict) -> dict:
+def as_json(p: autofit.Plan, table: dict) -> dict:
     """The object `format=json` prints (its keys are a public contract: see the README)."""
     c = p.cfg
-    resolved = OmegaConf.to_container(c, resolve=True)
+    resolved = dataclasses.asdict(c)
     settings = {
         group: resolved[group] for group in ("quant", "lora", "batch", "optim", "hw", "data", "train", "dist")
     }
@@ -222,12 +223,11 @@ def as_json(p: Any, table: dict) -> dict:
     }
 
 
-def make(cfg: Any, planning: bool | None = None) -> Any:
+def make(cfg: Config, planning: bool | None = None) -> autofit.Plan:
     """Validate, measure data.max_length=auto, auto-fit: the plan that training and finetune.plan
     both print (a finetune.autofit.Plan). Fills data.max_length in `cfg` itself."""
-    from finetune import data, schema
+    from finetune import data
 
-    schema.validate(cfg)
     _name_the_model(cfg)
     source.architecture(cfg.model)  # a model that cannot be read stops here, before the data is read
     length, why = data.resolve_max_length(cfg, planning=planning)
@@ -237,7 +237,7 @@ def make(cfg: Any, planning: bool | None = None) -> Any:
     return p
 
 
-def _name_the_model(cfg: Any) -> None:
+def _name_the_model(cfg: Config) -> None:
     """Run folders and plan titles name the model trained: a model.name_or_path that is not the
     catalog model gets its own name, unless model.name was set too."""
     from finetune.schema import command_line_keys
@@ -257,7 +257,7 @@ def _name_the_model(cfg: Any) -> None:
         )
 
 
-def _plan_job(cfg: Any, output: str, chart: str | None) -> None:
+def _plan_job(cfg: Config, output: str, chart: str | None) -> None:
     p = make(cfg, planning=True)
     table = methods(cfg)
     if output == "json":

@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from finetune import UserError, cache_dir
+from finetune.schema import Config
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -82,7 +82,7 @@ def main(command: Callable[[], None]) -> None:
 @dataclass
 class Run:
     folder: Path
-    cfg: Any  # the run's fully resolved config (config.yaml); None for a bare model folder
+    cfg: Config | None  # the run's fully resolved config (config.yaml); None for a bare model folder
     weights: Path  # adapter/, model/, merged/ or a bare model folder
     kind: str  # "adapter" (LoRA over the base), "full" (full fine-tune) or "model" (merged / bare folder)
 
@@ -112,7 +112,7 @@ def is_model_folder(path: Path) -> bool:
 
 def open_run(spec: str) -> Run:
     """The run folder `spec` names (or `latest`), or a merged/bare model folder, checked."""
-    from omegaconf import OmegaConf
+    from finetune import schema
 
     folder = _latest(Path("runs")) if spec == "latest" else Path(spec).expanduser()
     if not folder.exists():
@@ -123,14 +123,14 @@ def open_run(spec: str) -> Run:
         raise UserError(f"run={spec} is a file: give the run's folder (the one holding config.yaml).")
     if not (folder / "config.yaml").is_file() and is_model_folder(folder):
         parent = folder.parent / "config.yaml"  # <run>/merged: keep the run's config for its name and base
-        cfg = OmegaConf.load(parent) if parent.is_file() else None
+        cfg = schema.load(parent) if parent.is_file() else None
         return Run(folder, cfg, folder, "model")
     if not (folder / "config.yaml").is_file():
         raise UserError(
             f"run={spec}: not a run folder (no config.yaml in it). A run folder is what `python -m finetune` "
             "wrote under output_dir (runs/ by default)."
         )
-    cfg = OmegaConf.load(folder / "config.yaml")
+    cfg = schema.load(folder / "config.yaml")
     for sub, kind in (("adapter", "adapter"), ("model", "full")):
         if (folder / sub).is_dir():
             return Run(folder, cfg, folder / sub, kind)
@@ -147,13 +147,13 @@ def base_path(run: Run) -> str:
     return models.weights_path(run.cfg.model)
 
 
-def user_base(cfg: Any) -> str:
+def user_base(cfg: Config) -> str:
     """The base model's name for people and other tools: the hub id or folder the run was given,
     never the converted copy inside our cache (no one else knows it is there)."""
     return str(cfg.model.name_or_path)
 
 
-def point_adapter_at_user_base(adapter: Path, cfg: Any) -> str | None:
+def point_adapter_at_user_base(adapter: Path, cfg: Config) -> str | None:
     """Make adapter_config.json (and peft's model card) name the user's base model instead of a path
     inside finetune's cache. Returns the old name when it changed something."""
 

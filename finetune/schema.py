@@ -8,15 +8,17 @@ or a wrong type fails during composition. `validate()` then checks what types ca
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from finetune import UserError, config_dir, warn
 
@@ -294,7 +296,6 @@ def targets(lora: Any) -> list[str]:
 
 def unknown_keys(cfg: Any, node: Any = None, prefix: str = "") -> list[str]:
     """Keys in `cfg` that the schema does not have: `+key=` and `++key=` add them past Hydra's checks."""
-    import dataclasses
     import typing
 
     node = node or Config
@@ -310,7 +311,6 @@ def unknown_keys(cfg: Any, node: Any = None, prefix: str = "") -> list[str]:
 
 def schema_keys(full_key: str) -> list[str]:
     """The keys the schema allows next to `full_key` (its siblings)."""
-    import dataclasses
     import typing
 
     node: Any = Config
@@ -393,24 +393,60 @@ _INACTIVE = (
 )
 
 
-def _inactive_warnings(cfg: Any) -> None:
+def _inactive_warnings(cfg: Config) -> None:
     """Warn about each key set (on the command line, or away from its default) that has no effect."""
-    from omegaconf import OmegaConf
-
-    defaults = OmegaConf.structured(Config)
+    defaults = Config()
     named = command_line_keys()
     for key, unused, why in _INACTIVE:
-        value = OmegaConf.select(cfg, key)
-        if unused(cfg) and (key in named or value != OmegaConf.select(defaults, key)):
-            shown = named.get(key) or (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+        value = get(cfg, key)
+        if unused(cfg) and (key in named or value != get(defaults, key)):
+            shown = named.get(key) or (
+                dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            )
             warn(f"{key}={shown} has no effect: {why.format(q=cfg.quant.load_in)}.")
 
 
-def validate(cfg: Any) -> None:
-    """Check ranges and combinations; raise one UserError listing every problem found."""
-    unknown = unknown_keys(cfg)
+def get(cfg: Config, key: str) -> Any:
+    """The value at a dotted key (`train.max_steps`)."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def put(cfg: Config, key: str, value: Any) -> None:
+    """Set the value at a dotted key, in place."""
+    parent, _, leaf = key.rpartition(".")
+    setattr(get(cfg, parent) if parent else cfg, leaf, value)
+
+
+def typed(cfg: DictConfig) -> Config:
+    """The one way a composed configuration enters the program: checked by `validate`, then turned
+    into the `Config` dataclasses every module takes (a `Config` passes through unchanged)."""
+    if isinstance(cfg, Config):
+        return cfg
+    unknown = unknown_keys(cfg)  # `+key=` past Hydra's checks: to_object would fail on them less clearly
     if unknown:
         raise UserError(unknown_key(unknown[0]))
+    out = OmegaConf.to_object(cfg)
+    validate(out)
+    return out
+
+
+def load(file: Path) -> Config:
+    """A run's saved config.yaml as a `Config` (written fully resolved by the run itself)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(file)))
+    except (OmegaConfBaseException, ValueError) as err:  # edited by hand, or from another version
+        raise UserError(
+            f"{file} is not a run config this version of finetune reads: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and combinations; raise one UserError listing every problem found."""
     _inactive_warnings(cfg)
     e: list[str] = []
     m, q, lo, b, o, hw, d, t = (
@@ -496,7 +532,7 @@ def validate(cfg: Any) -> None:
     if hw.num_gpus < 0:
         e.append(f"hw.num_gpus={hw.num_gpus} must not be negative (0 = CPU).")
     for key in ("gpu_memory_gb", "tflops", "compute_capability"):
-        value = hw[key]
+        value = getattr(hw, key)
         if value is not None and value < 0:
             e.append(f"hw.{key}={value} must not be negative.")
     if m.attn_implementation == "flash_attention_2" and hw.name != AUTO and not hw.flash_attention:

@@ -12,9 +12,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 from finetune import UserError
+from finetune.schema import ModelConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # config.json numbers that must be whole numbers when present (a string here breaks every estimate)
@@ -30,7 +30,7 @@ _WHOLE = (
 )
 
 
-def is_catalog(model_cfg: Any) -> bool:
+def is_catalog(model_cfg: ModelConfig) -> bool:
     """Does the model group's `arch` describe model.name_or_path (and not another model)?"""
     arch = model_cfg.arch or {}
     return bool(arch) and arch.get("_name_or_path") == model_cfg.name_or_path
@@ -55,7 +55,7 @@ def local_folder(name_or_path: str) -> Path | None:
 
 
 def read_config(file: Path) -> dict:
-    """A config.json, checked enough that planning can trust it."""
+    """A config.json, checked enough that planning can trust it (keys starting with `_` dropped)."""
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -76,7 +76,7 @@ def read_config(file: Path) -> dict:
             value = part.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise UserError(f'{file}: "{where}{key}" is {value!r}; it must be a whole number.')
-    return config
+    return {k: v for k, v in config.items() if not k.startswith("_")}  # `_` keys: notes, not architecture
 
 
 def _cached_or_downloaded(repo: str) -> Path:
@@ -114,10 +114,8 @@ def _hub_reachable() -> None:
         raise OSError(f"no network: {host} cannot be resolved") from None
 
 
-def architecture(model_cfg: Any) -> dict:
+def architecture(model_cfg: ModelConfig) -> dict:
     """The config.json dict to plan `model_cfg` with (see the module docstring for the order)."""
-    from omegaconf import OmegaConf
-
     folder = local_folder(model_cfg.name_or_path)
     if folder is not None:
         if not (folder / "config.json").is_file():
@@ -127,15 +125,10 @@ def architecture(model_cfg: Any) -> dict:
             )
         return read_config(folder / "config.json")
     if is_catalog(model_cfg):
-        arch = (
-            OmegaConf.to_container(model_cfg.arch)
-            if OmegaConf.is_config(model_cfg.arch)
-            else dict(model_cfg.arch)
-        )
-        return {k: v for k, v in arch.items() if k != "_name_or_path"}
+        return {k: v for k, v in model_cfg.arch.items() if k != "_name_or_path"}
     return read_config(_cached_or_downloaded(model_cfg.name_or_path))
 
 
-def display_name(model_cfg: Any) -> str:
+def display_name(model_cfg: ModelConfig) -> str:
     """A short name for run folders when name_or_path is not the catalog model: its last part."""
     return Path(model_cfg.name_or_path.rstrip("/")).name or "model"

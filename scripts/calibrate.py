@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, Settings, estimate, load_arch  # noqa: E402
+from finetune.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, Settings, estimate  # noqa: E402
+from finetune.source import read_config  # noqa: E402
 
 THRESHOLDS = {"median": 10.0, "p90": 25.0}  # % absolute error on the headline set
 
@@ -107,7 +108,7 @@ def settings_for(row: dict, unknown_attn: str = "sdpa") -> Settings:
 
 def predicted(row: dict, s: Settings, archs: Path) -> float:
     """Estimate in the unit the source measured."""
-    arch = load_arch(str(archs / row["arch"]))
+    arch = read_config(archs / row["arch"] / "config.json")
     # the BERT rows fine-tune a sequence classifier (an encoder): the estimator models that head too
     task = "sequence-classification" if arch["model_type"] == "bert" else "causal-lm"
     est = estimate(arch, s, task=task)

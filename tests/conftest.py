@@ -172,7 +172,14 @@ def tiny_overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 def compose(overrides: list[str], config_name: str = "finetune", folder: Path | None = None):
-    """The configuration `python -m finetune <overrides>` would run, through Hydra's compose API."""
+    """The typed configuration `python -m finetune <overrides>` would run (composed, validated)."""
+    from finetune import schema
+
+    return schema.typed(compose_raw(overrides, config_name, folder))
+
+
+def compose_raw(overrides: list[str], config_name: str = "finetune", folder: Path | None = None):
+    """What Hydra's compose API makes of `overrides`, before finetune validates and types it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

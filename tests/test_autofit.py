@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from conftest import compose, run_cli
-from omegaconf import OmegaConf
 
 from finetune import UserError, autofit, schema
 
@@ -91,8 +91,8 @@ PINNED = [
 def test_resolver_never_changes_a_pinned_setting(model, hw, pins):
     cfg = compose([*REAL_DATA, f"model={model}", f"hw={hw}", *pins])
     schema.validate(cfg)
-    before = dict(_leaves(OmegaConf.to_container(cfg)))
-    after = dict(_leaves(OmegaConf.to_container(autofit.resolve(cfg).cfg)))
+    before = dict(_leaves(dataclasses.asdict(cfg)))
+    after = dict(_leaves(dataclasses.asdict(autofit.resolve(cfg).cfg)))
     changed = {k: (v, after[k]) for k, v in before.items() if v != schema.AUTO and after[k] != v}
     # batch.effective is derived when it was unset (null); nothing else may move.
     changed.pop("batch.effective", None) if before["batch.effective"] is None else None

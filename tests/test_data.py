@@ -273,8 +273,6 @@ def test_files_as_users_have_them_bom_compressed_and_strict_utf8(tmp_path):
 
 
 def test_rows_with_nothing_to_train_on_are_dropped_and_counted(tmp_path, capsys):
-    from omegaconf import OmegaConf
-
     empty = [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
@@ -287,8 +285,7 @@ def test_rows_with_nothing_to_train_on_are_dropped_and_counted(tmp_path, capsys)
         in capsys.readouterr().err
     )
     cfg = data_cfg(f"data.path={path}")
-    OmegaConf.set_struct(cfg, False)
-    cfg.empty_rows = "error"  # becomes a schema key (data.empty_rows: drop | error)
+    cfg.empty_rows = "error"
     with pytest.raises(UserError, match=f"{path}:4: no assistant message with content: nothing to train on"):
         data.load(cfg, 0, seed=0)
     texts = write(tmp_path / "texts.csv", [*TEXT[:2], {"text": ""}])

@@ -227,11 +227,11 @@ def test_the_mask_check_catches_a_broken_template():
 
 
 def test_a_template_from_another_model_warns_and_trains_its_marker_whole():
-    from omegaconf import OmegaConf
+    from finetune.schema import DataConfig
 
     tokenizer = tokenizer_for("llama-3.1")  # no <|im_start|>/<|im_end|> tokens
     with pytest.warns(UserWarning, match=r"<\|im_end\|>, <\|im_start\|> are not tokens of this tokenizer"):
-        templates.use_chat_template(tokenizer, OmegaConf.create({"chat_template": "chatml"}))
+        templates.use_chat_template(tokenizer, DataConfig(chat_template="chatml"))
     out = tokenization.encode({"messages": [Q1, A1]}, tokenizer)
     assert len(tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]) > 1, "spelled in pieces"
     runs = masks.trained_runs(out["text"], out["offsets"], out["labels"])
@@ -241,9 +241,7 @@ def test_a_template_from_another_model_warns_and_trains_its_marker_whole():
     ):
         templates.use_chat_template(
             tokenizer,
-            OmegaConf.create(
-                {
-                    "chat_template": "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
-                }
+            DataConfig(
+                chat_template="{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
             ),
         )

@@ -98,7 +98,7 @@ def test_quantized_run_merges_into_the_unquantized_base(lora_run, tmp_path, caps
 def test_full_fine_tune_is_already_merged(tiny_model, tmp_path, capsys):
     run = tmp_path / "full"
     run.mkdir()
-    (run / "config.yaml").write_text("model:\n  name: test-tiny\n")
+    (run / "config.yaml").write_text("model:\n  name: test-tiny\n  name_or_path: test-tiny\n")
     shutil.copytree(tiny_model, run / "model")
     target = merge(str(run))
     assert "full fine-tune" in capsys.readouterr().out
@@ -106,7 +106,7 @@ def test_full_fine_tune_is_already_merged(tiny_model, tmp_path, capsys):
 
 
 def test_adapter_names_the_users_base_not_our_cache(tmp_path, monkeypatch):
-    from omegaconf import OmegaConf
+    from finetune.schema import Config, ModelConfig
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     adapter = tmp_path / "adapter"
@@ -114,7 +114,7 @@ def test_adapter_names_the_users_base_not_our_cache(tmp_path, monkeypatch):
     cached = str(tmp_path / "cache" / "models" / "tiny")
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": cached, "r": 8}))
     (adapter / "README.md").write_text(f"---\nbase_model: {cached}\n---\n")
-    cfg = OmegaConf.create({"model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}})
+    cfg = Config(model=ModelConfig(name="smollm2", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))
     assert runfolder.point_adapter_at_user_base(adapter, cfg) == cached
     assert (
         json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -127,7 +127,7 @@ def test_adapter_names_the_users_base_not_our_cache(tmp_path, monkeypatch):
 
 def test_mistakes_are_one_line(lora_run, tmp_path):
     (tmp_path / "unfinished").mkdir()
-    (tmp_path / "unfinished" / "config.yaml").write_text("model:\n  name: x\n")
+    (tmp_path / "unfinished" / "config.yaml").write_text("model:\n  name: x\n  name_or_path: x\n")
     merged = _copy_run(lora_run, tmp_path / "merged-already")
     (merged / "merged").mkdir()
     cases = [

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from typing import Any
 
 from finetune import UserError
 from finetune.data.formats import FORMAT_COLUMNS
@@ -22,14 +21,12 @@ from finetune.data.tokenization import (
     resolve_max_length,
     sft_kwargs,
 )
+from finetune.schema import Config
 
 TRAINED, MASKED = "[[", "]]"  # how `python -m finetune.data` marks trained tokens without colour
 
 
-def _inspect(cfg: Any, output: str, example: int) -> None:
-    from finetune import schema
-
-    schema.validate(cfg)
+def _inspect(cfg: Config, output: str, example: int) -> None:
     train, held_out = load(cfg.data, cfg.train.eval_samples, cfg.seed)  # bad data fails before the tokenizer
     tokenizer = tokenizer_only(cfg)
     length, why = resolve_max_length(cfg, tokenizer, train)

@@ -10,6 +10,7 @@ and reasoning data add `tool_calls`, `reasoning`, `name` and `tool_call_id`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import UserError
+from finetune.schema import DataConfig
 
 # The columns each format reads (our names; data.columns.<name>=<yours> maps a different one).
 FORMAT_COLUMNS = {
@@ -47,7 +49,7 @@ def processes(rows: int) -> int | None:
     return min(os.cpu_count() or 1, 8) if rows >= PARALLEL_ROWS and (os.cpu_count() or 1) > 1 else None
 
 
-def detect_format(columns: list[str], data_cfg: Any, source: str) -> str:
+def detect_format(columns: list[str], data_cfg: DataConfig, source: str) -> str:
     """The format of a dataset from its columns (after data.columns mapping), or data.format when set."""
     from finetune.schema import did_you_mean
 
@@ -74,7 +76,7 @@ def detect_format(columns: list[str], data_cfg: Any, source: str) -> str:
     )
 
 
-def normalise(raw, data_cfg: Any, source: str, base: Path):
+def normalise(raw, data_cfg: DataConfig, source: str, base: Path):
     """Check every row of `raw` and convert it to normal form; the first bad row raises with its location.
 
     `raw` is a typed Arrow dataset (Parquet, CSV, the hub, save_to_disk) or raw JSON records
@@ -166,7 +168,7 @@ def normalise(raw, data_cfg: Any, source: str, base: Path):
     return _drop_empty(normal, data_cfg, source)
 
 
-def _drop_empty(normal, data_cfg: Any, source: str):
+def _drop_empty(normal, data_cfg: DataConfig, source: str):
     """Rows with nothing to train on (no reply, an empty completion or text) are dropped and counted;
     data.empty_rows=error stops at the first instead."""
     import pyarrow.compute as pc
@@ -189,13 +191,8 @@ def _drop_empty(normal, data_cfg: Any, source: str):
     return normal.remove_columns("_empty")
 
 
-def _columns(data_cfg: Any) -> dict[str, str | None]:
-    from omegaconf import OmegaConf
-
-    columns = getattr(data_cfg, "columns", None)
-    if columns is None:
-        return {}
-    return OmegaConf.to_container(columns) if OmegaConf.is_config(columns) else dict(columns)
+def _columns(data_cfg: DataConfig) -> dict[str, str | None]:
+    return dataclasses.asdict(data_cfg.columns)
 
 
 def _is_text(feature: Any) -> bool:

@@ -10,10 +10,10 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Any
 
 from finetune import UserError
 from finetune.data.formats import normalise
+from finetune.schema import DataConfig
 
 DEMO_INSTRUCTION = "Convert to ISO date: "
 SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -54,7 +54,7 @@ def demo_examples(n_train: int, n_eval: int, seed: int) -> tuple[list[dict], lis
 # Reading
 
 
-def load(data_cfg: Any, eval_samples: int, seed: int):
+def load(data_cfg: DataConfig, eval_samples: int, seed: int):
     """(train, eval) datasets in normal form; eval is None when nothing is held out.
 
     Normal form: `messages`, or `prompt` + `completion` (lists of {role, content}), or `text`;
@@ -135,7 +135,7 @@ def _files(spec: str, key: str) -> list[Path]:
     raise UserError(f"{key}={spec}: no such file or folder. Give a {kinds} file or a folder of them.{hint}")
 
 
-def _read_files(data_cfg: Any, spec: str, key: str):
+def _read_files(data_cfg: DataConfig, spec: str, key: str):
     """Every file of `spec` (a file, a folder of files, or a folder written by save_to_disk), normalised."""
     from datasets import concatenate_datasets, load_from_disk
 
@@ -289,7 +289,7 @@ def _json_records(path: str, stamp: str):
             yield {"_json": line, "origin": f"{file}:{number}"}
 
 
-def _read_hub(data_cfg: Any, split: str):
+def _read_hub(data_cfg: DataConfig, split: str):
     """A dataset id through datasets.load_dataset (a local dataset folder works the same way)."""
     from datasets import load_dataset
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import UserError, cache_dir, warn
+from finetune.schema import Config, DataConfig
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -44,7 +45,7 @@ def named_template(choice: str) -> str:
     return getattr(chat_template_utils, name)
 
 
-def load_tokenizer(path: str, cfg: Any, local_only: bool = False, **kwargs: Any):
+def load_tokenizer(path: str, cfg: Config, local_only: bool = False, **kwargs: Any):
     """The model's tokenizer with the chat template training uses: data.chat_template, else its own."""
     from transformers import AutoTokenizer
 
@@ -62,7 +63,7 @@ def load_tokenizer(path: str, cfg: Any, local_only: bool = False, **kwargs: Any)
     return tokenizer
 
 
-def tokenizer_only(cfg: Any, local_only: bool = False):
+def tokenizer_only(cfg: Config, local_only: bool = False):
     """The tokenizer for `cfg.model` without loading weights (a GGUF model: from the GGUF's metadata)."""
     from finetune import models, source
 
@@ -76,7 +77,7 @@ def tokenizer_only(cfg: Any, local_only: bool = False):
     return load_tokenizer(m.name_or_path, cfg, local_only)
 
 
-def use_chat_template(tokenizer, data_cfg: Any) -> None:
+def use_chat_template(tokenizer, data_cfg: DataConfig) -> None:
     """data.chat_template, when set, replaces the tokenizer's own template (it is saved with the adapter).
     A template from elsewhere is checked against this tokenizer: its markers should be tokens, and
     something must close a reply, or the model never learns to stop."""
@@ -116,7 +117,7 @@ def _template_text(choice: str) -> str:
     )
 
 
-def describe(data_cfg: Any, tokenizer) -> str:
+def describe(data_cfg: DataConfig, tokenizer) -> str:
     """How messages name the template in use: data.chat_template=<x>, or the tokenizer's own."""
     if data_cfg is not None and getattr(data_cfg, "chat_template", None):
         return f"data.chat_template={data_cfg.chat_template}"

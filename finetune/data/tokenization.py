@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from finetune import UserError, warn
 from finetune.data import masks, templates
 from finetune.data.formats import _BadRow, _text_of, chat_message, processes
+from finetune.schema import Config, DataConfig
 
 AUTO_MAX_LENGTH_QUANTILE = 0.99  # data.max_length=auto covers this share of examples untruncated
 AUTO_MAX_LENGTH_SAMPLE = 2000  # examples tokenized to measure the length distribution
@@ -104,7 +104,7 @@ def _encode_row(row: dict, index: int, tokenizer, train_on_prompt: bool, shape) 
     }
 
 
-def tokenize(dataset, tokenizer, data_cfg: Any):
+def tokenize(dataset, tokenizer, data_cfg: DataConfig):
     """input_ids and labels (full length, untruncated) plus n_tokens and n_trained for every example
     that passes the mask check. Examples that fail it are dropped and named; when many fail, the
     template is at fault and the run stops with what to do."""
@@ -143,7 +143,7 @@ def tokenize(dataset, tokenizer, data_cfg: Any):
     return tokens.remove_columns(["problem", "origin"])
 
 
-def _check_tool_support(dataset, tokenizer, data_cfg: Any) -> None:
+def _check_tool_support(dataset, tokenizer, data_cfg: DataConfig) -> None:
     """Tool calls need a template that renders them; one that drops them would train empty turns."""
     columns = [c for c in ("messages", "prompt", "completion") if c in dataset.column_names]
     if not any("tool_calls" in str(dataset.features[c]) for c in columns):
@@ -200,7 +200,7 @@ class Report:
         )
 
 
-def prepare(dataset, tokenizer, data_cfg: Any):
+def prepare(dataset, tokenizer, data_cfg: DataConfig):
     """(tokenized train set for SFTTrainer, Report): every example tokenized with its labels, cut or
     dropped at data.max_length, and checked to keep at least one trained token."""
     import numpy as np
@@ -302,7 +302,9 @@ def choose_max_length(lengths, limit: int | None) -> tuple[int, str]:
     return value, f"{why}; {longer} of them longer"
 
 
-def resolve_max_length(cfg: Any, tokenizer=None, train=None, planning: bool | None = None) -> tuple[int, str]:
+def resolve_max_length(
+    cfg: Config, tokenizer=None, train=None, planning: bool | None = None
+) -> tuple[int, str]:
     """Fill data.max_length when it is `auto` (in place) and say why; a fixed value passes through.
 
     Measures the training data with the model's tokenizer (no weights; a sample of at most
@@ -317,7 +319,7 @@ def resolve_max_length(cfg: Any, tokenizer=None, train=None, planning: bool | No
     d = cfg.data
     if d.max_length != AUTO:
         return d.max_length, "set by you or a config file"
-    planning = bool(cfg.get("dry_run", False)) if planning is None else planning
+    planning = cfg.dry_run if planning is None else planning
 
     def fallback(reason: str) -> tuple[int, str]:
         d.max_length = PLANNING_MAX_LENGTH
@@ -347,7 +349,7 @@ def resolve_max_length(cfg: Any, tokenizer=None, train=None, planning: bool | No
     return value, why
 
 
-def _model_limit(cfg: Any, tokenizer) -> int | None:
+def _model_limit(cfg: Config, tokenizer) -> int | None:
     """The longest sequence the model takes: its config's max_position_embeddings, else the tokenizer's."""
     from finetune import source
 
@@ -362,7 +364,7 @@ def _model_limit(cfg: Any, tokenizer) -> int | None:
 # Batching
 
 
-def sft_kwargs(cfg: Any) -> dict:
+def sft_kwargs(cfg: Config) -> dict:
     """The SFTConfig keys the data decides: sequence length, packing, padding-free batching.
 
     The dataset arrives tokenized, labelled and truncated, so TRL only batches it. Padding-free

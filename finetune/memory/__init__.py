@@ -27,10 +27,6 @@ against published measurements (results in BENCHMARKS.md).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from finetune import UserError
 from finetune.memory import activations, tensors
 from finetune.memory.arch import Arch, describe
 from finetune.memory.settings import (
@@ -59,7 +55,6 @@ __all__ = [
     "describe",
     "dims",
     "estimate",
-    "load_arch",
     "lora_target_names",
     "reference_param_count",
 ]
@@ -104,25 +99,6 @@ def reference_param_count(arch: dict, task: str = "causal-lm") -> int:
     from finetune.memory.reading import build
 
     return sum(p.numel() for p in build(arch, task).parameters())
-
-
-def load_arch(name_or_path: str) -> dict:
-    """Read ``<folder>/config.json`` (or a path to a config.json) from local disk; keys starting with
-    ``_`` (provenance notes) are dropped.  Planning never downloads: a hub id raises UserError."""
-    path = Path(name_or_path).expanduser()
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if not (cfg_file.is_file() and cfg_file.name.endswith(".json")):
-        raise UserError(
-            f"no config.json at {str(path)!r}: pass a local folder that holds the model's config.json "
-            "(planning reads only the architecture and never downloads from the hub)"
-        )
-    try:
-        arch = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_file} is not valid JSON: {e}") from None
-    if not isinstance(arch, dict):
-        raise UserError(f"{cfg_file} holds a JSON {type(arch).__name__}, not a config object")
-    return {k: v for k, v in arch.items() if not k.startswith("_")}
 
 
 def check(s: Settings, a: Arch) -> None:
