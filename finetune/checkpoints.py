@@ -5,6 +5,8 @@ The Trainer writes a checkpoint into `checkpoints/.staging/`; `publish` adds `fi
 `checkpoint-<step>`. A checkpoint counts as complete only when that file is there and every file it
 lists has its recorded size, so a folder cut short (a kill mid-save, a full disk, a partial copy)
 is skipped on resume instead of loaded: transformers' `get_last_checkpoint` would take it.
+Several processes share one staging folder: rank 0 empties it and publishes, every rank writes its
+own files in between (StepDownTrainer._save_checkpoint), so the manifest lists every rank's files.
 No torch here: resuming looks for checkpoints before anything heavy loads.
 """
 

@@ -248,9 +248,10 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def attach(trainer, checkpoint=None) -> None:
+def attach(trainer) -> None:
     """After the trainer wrapped the model in PEFT (which froze everything it did not create): train
-    the expert adapters again, in the dtype TRL gave PEFT's adapters; restore them from a checkpoint."""
+    the expert adapters again, in the dtype TRL gave PEFT's adapters. The trainer (finetune.oom) saves
+    them into each checkpoint before it is sealed and loads them back on resume."""
     params = adapter_parameters(trainer.model)
     if not params:
         return
@@ -259,17 +260,6 @@ def attach(trainer, checkpoint=None) -> None:
         if peft_dtypes:
             p.data = p.data.to(peft_dtypes[0])
         p.requires_grad_(True)
-    if checkpoint is not None and (Path(checkpoint) / ADAPTER_FILE).is_file():
-        load_adapters(trainer.model, checkpoint)
-    from transformers import TrainerCallback
-
-    class SaveExpertAdapters(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                save_adapters(trainer.model, folder)
-
-    trainer.add_callback(SaveExpertAdapters())
 
 
 def save_adapters(model: nn.Module, folder) -> Path | None:

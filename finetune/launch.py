@@ -6,6 +6,10 @@ launcher (`spawn`); `torchrun --nproc_per_node N -m finetune ...` and `accelerat
 ...` start them directly. Every rank plans the same run; rank 0 alone prints, writes the run folder
 and saves. The run folder's name is made by rank 0 and broadcast (`shared_run_dir`), never derived
 from the clock on each rank (hydra#2070). No torch import at module level: planning imports this.
+
+Checkpoints, Ctrl-C and `resume=` across processes: every rank writes its part of a checkpoint
+between barriers (finetune/oom.py), the ranks agree at every step end whether a signal arrived
+(`agree_max`, finetune/lifecycle.py) and resume from the checkpoint rank 0 chose (`from_main`).
 """
 
 from __future__ import annotations
@@ -82,6 +86,47 @@ def barrier() -> None:
         _process_group().barrier()
 
 
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object; `value` itself in one process)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    _process_group().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree_max(value: int) -> int:
+    """The largest of every rank's `value` (one all-reduce of one number; `value` in one process)."""
+    if world_size() == 1:
+        return value
+    import torch
+
+    dist = _process_group()
+    nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())
+
+
+def under_agent() -> bool:
+    """Started by torchrun's agent (also what `accelerate launch` runs), which passes every SIGINT and
+    SIGTERM it gets on to the workers: a Ctrl-C in a terminal reaches each worker twice."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def command() -> str:
+    """How to start this run's processes again (the resume line): `python -m finetune` for one
+    process or a run `spawn` started (the saved config has the GPU count), else torchrun."""
+    n = world_size()
+    if n == 1 or os.environ.get(SPAWNED):
+        return "python -m finetune"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+    if local == n:
+        return f"torchrun --nproc_per_node {n} -m finetune"
+    return f"torchrun --nnodes {n // local} --nproc_per_node {local} <rendezvous options> -m finetune"
+
+
 def mixed_precision(cfg: Any) -> str:
     from finetune import hardware
 
@@ -89,7 +134,11 @@ def mixed_precision(cfg: Any) -> str:
 
 
 def fsdp_settings(cfg: Any, layer_classes: list[str] | None = None) -> dict:
-    """accelerate's FSDP2 settings for this run, by their config-file names (fsdp_*)."""
+    """accelerate's FSDP2 settings for this run, by their config-file names (fsdp_*).
+
+    The mixed precision policy is not among them: neither accelerate's config file (FSDP_* variables)
+    nor TrainingArguments.fsdp_config can name one, so accelerate would reduce gradients in the
+    16-bit dtype. StepDownTrainer.train puts ours on the plugin (`use_fsdp_mixed_precision`)."""
     d = cfg.dist
     ckpt = (
         cfg.train.gradient_checkpointing
@@ -235,7 +284,27 @@ def spawn(cfg: Any, argv: list[str]) -> int:
         f"finetune: launching {world_size(cfg)} processes with dist={cfg.dist.strategy}: {' '.join(command[2:])}"
     )
     sys.stdout.flush()
-    return subprocess.call(command, env=env)
+    import signal
+
+    # A Ctrl-C in the terminal reaches the launcher and the workers by itself: they save and stop
+    # (finetune/lifecycle.py) while this process waits for them. A SIGTERM sent to this process
+    # alone is passed on to the launcher, which passes it on to the workers.
+    got: list[int] = []
+    child = subprocess.Popen(command, env=env)
+
+    def wait_for_workers(signum, frame):
+        got.append(signum)
+        if signum != signal.SIGINT:
+            child.send_signal(signum)
+
+    old = {sig: signal.signal(sig, wait_for_workers) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    # the launcher itself exits 1 with a traceback after a signal; the workers said what happened
+    return 128 + got[0] if got and code != 0 else code
 
 
 def fsdp_mixed_precision(mixed: str):
@@ -246,3 +315,10 @@ def fsdp_mixed_precision(mixed: str):
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
+
+
+def use_fsdp_mixed_precision(plugin: Any, mixed: str) -> None:
+    """Put our policy on accelerate's FSDP2 plugin before it wraps the model. Set there, accelerate
+    keeps it (its own would reduce in the 16-bit dtype); FSDP1 and fp32 runs are left as they are."""
+    if getattr(plugin, "fsdp_version", 1) == 2 and mixed in ("bf16", "fp16"):
+        plugin.mixed_precision_policy = fsdp_mixed_precision(mixed)

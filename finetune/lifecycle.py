@@ -4,6 +4,10 @@ plot, and picking a stopped run back up (`resume=<run folder>` or `resume=latest
 Ctrl-C (SIGINT) or SIGTERM during training asks the loop to stop after the optimizer step in
 progress; that step is saved as a checkpoint and the run exits with 128 + the signal number and one
 line saying how to resume. A second signal, or one outside the training loop, stops at once.
+
+Several processes (#13): a signal may reach the ranks in different steps, or one rank only (a
+SIGTERM to one process), so the ranks agree at every step end whether any of them got one: all
+save the same step and stop together, each exits with 128 + the signal, rank 0 alone says so.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ RESUMABLE = (
     "train.eval_steps",
     "train.report_to",
 )
+AGENT_ECHO_SECONDS = 2.0
+"""Under torchrun's agent a Ctrl-C reaches each worker from the terminal and again from the agent,
+milliseconds apart: a signal this soon after the first is that copy, not a second Ctrl-C."""
 SAVE_EVERY_SECONDS = 600  # train.save_steps=auto: a checkpoint every 10 minutes of training
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often, and at every checkpoint
 
@@ -47,22 +54,27 @@ def exit_code(signum: int) -> int:
 
 
 def resume_command(run_dir: Path) -> str:
-    return f"python -m finetune resume={run_dir}"
+    from finetune import launch
+
+    return f"{launch.command()} resume={run_dir}"  # torchrun for a run torchrun started (#13)
 
 
 class Signals:
     """SIGINT and SIGTERM handlers for the length of a run (`with Signals() as signals:`).
 
-    While `graceful` (the training loop runs) the first signal only sets `signum`, which
-    StopOnSignal turns into save-and-stop after the current optimizer step; otherwise, and on a
-    second signal, the handler raises Interrupted where the program is.
+    While `graceful` (the training loop runs) the first signal only sets `received`, which
+    StopOnSignal turns into `signum` (once every rank agreed) and save-and-stop after the current
+    optimizer step; otherwise, and on a second signal, the handler raises Interrupted where the
+    program is.
     """
 
     def __init__(self):
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal the training loop stops for, the same on every rank
+        self.received: int | None = None  # the first signal this process got while training
         self.graceful = False
         self.run_dir: Path | None = None  # set once the run has a folder, for the way out
         self.fresh = True  # the folder was made by this run (not a resumed one)
+        self._first: float | None = None  # when the first signal came
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> Signals:
@@ -76,33 +88,64 @@ class Signals:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.graceful and self.signum is None:
-            self.signum = signum
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            print(
-                f"\nfinetune: {name}: stopping after this optimizer step and saving a checkpoint "
-                "(Ctrl-C again to stop at once).",
-                file=sys.stderr,
-                flush=True,
-            )
+        from finetune import launch
+
+        now = time.monotonic()
+        if self._first is not None and now - self._first < AGENT_ECHO_SECONDS and launch.under_agent():
+            return  # the agent passing on the signal that reached this process already
+        self._first = self._first if self._first is not None else now
+        if self.graceful and self.received is None:
+            self.received = signum
+            if launch.is_main():
+                self.say_stopping(signum)
             return
         raise Interrupted(signum)
 
-    def stopped(self, state: Any) -> None:
-        """After the loop stopped for a signal: the resume line, then exit 128 + the signal."""
+    @staticmethod
+    def say_stopping(signum: int, where: str = "") -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
-            f"finetune: stopped at step {state.global_step} of {state.max_steps}; checkpoint saved. "
-            f"Resume with: {resume_command(self.run_dir)}",
+            f"\nfinetune: {name}{where}: stopping after this optimizer step and saving a checkpoint "
+            "(Ctrl-C again to stop at once).",
             file=sys.stderr,
             flush=True,
         )
+
+    def agree(self) -> int | None:
+        """The signal the loop stops for: the one any rank got (all ranks call this at the same
+        point: a step end, an evaluation). One process: the one it got."""
+        from finetune import launch
+
+        if self.signum is None:
+            agreed = launch.agree_max(self.received or 0)  # SIGTERM (15) wins over SIGINT (2)
+            if agreed:
+                if self.received is None and launch.is_main():
+                    self.say_stopping(agreed, " in another process")
+                self.signum = agreed
+        return self.signum
+
+    def stopped(self, state: Any) -> None:
+        """After the loop stopped for a signal: the resume line (rank 0), then exit 128 + the signal."""
+        from finetune import launch
+
+        if launch.is_main():
+            print(
+                f"finetune: stopped at step {state.global_step} of {state.max_steps}; checkpoint saved. "
+                f"Resume with: {resume_command(self.run_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(exit_code(self.signum))
 
     def interrupted(self, err: Interrupted) -> None:
         """Stopped at once: say what is kept. A new run's folder without a checkpoint is removed,
-        so it neither blocks the run name nor looks like a run."""
+        so it neither blocks the run name nor looks like a run. Rank 0 alone speaks and removes."""
         import shutil
 
+        from finetune import launch
+
+        if not launch.is_main():
+            raise SystemExit(exit_code(err.signum)) from None
         where = self.run_dir
         last = checkpoints.latest(where / "checkpoints")[0] if where else None
         if where is None:
@@ -126,13 +169,15 @@ def callbacks(signals: Signals, cfg: Config, run_dir: Path, has_eval: bool) -> l
     from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
-        """First signal: save the step that just finished and leave the loop."""
+        """First signal: save the step that just finished and leave the loop. Several processes:
+        every rank asks the others at each step end, so all save the same step and stop together
+        (ranks that disagree about saving or stopping would wait for each other for ever)."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             signals.graceful = True
 
         def on_step_end(self, args, state, control, **kwargs):
-            if signals.signum is not None:
+            if signals.agree() is not None:
                 control.should_save = control.should_training_stop = True
 
         def on_evaluate(self, args, state, control, **kwargs):  # a signal during an evaluation
@@ -140,6 +185,12 @@ def callbacks(signals: Signals, cfg: Config, run_dir: Path, has_eval: bool) -> l
 
         def on_train_end(self, args, state, control, **kwargs):
             signals.graceful = False
+            if signals.signum is None:
+                from finetune import launch
+
+                late = launch.agree_max(signals.received or 0)
+                if late:  # came after the last step's end: no step is left to save, stop at once
+                    raise Interrupted(late)
 
     class Schedule(TrainerCallback):
         """Saves by wall time (train.save_steps=auto); evaluates every train.eval_steps, or at each
@@ -155,8 +206,12 @@ def callbacks(signals: Signals, cfg: Config, run_dir: Path, has_eval: bool) -> l
             self.last_save = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.save_every and time.monotonic() - self.last_save >= self.save_every:
-                control.should_save = True
+            if self.save_every:
+                from finetune import launch
+
+                due = time.monotonic() - self.last_save >= self.save_every
+                if launch.agree_max(int(due)):  # each rank has its own clock: all save when one is due
+                    control.should_save = True
             if has_eval:
                 due = (
                     control.should_save

@@ -166,6 +166,9 @@ def load_model(path: str, cfg: Any, dtype):
             bnb_4bit_quant_type=cfg.quant.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=cfg.quant.double_quant,
             bnb_4bit_compute_dtype=dtype,
+            # dist=fsdp (#13): FSDP2 shards the 4-bit weights only when they are stored in a float
+            # dtype, the compute dtype (the FSDP + QLoRA recipe; memory/distributed.py plans so).
+            **({"bnb_4bit_quant_storage": dtype} if cfg.dist.strategy in ("fsdp", "fsdp_offload") else {}),
         )
     elif cfg.quant.load_in == "8bit":
         quantization = BitsAndBytesConfig(load_in_8bit=True)

@@ -32,7 +32,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache
 from trl import SFTTrainer
 
-from finetune import UserError, checkpoints
+from finetune import UserError, checkpoints, experts, launch
 
 LADDER = ("split", "gradient_checkpointing", "paged_adamw_8bit")  # then re-plan (UserError)
 
@@ -69,7 +69,15 @@ class StepDownTrainer(SFTTrainer):
     # ---- checkpoints and resume ----
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        # Several processes (#13): all resume from the checkpoint rank 0 chose, each loading its own
+        # rng_state_<rank>.pth from it (the Trainer does that by process index).
+        resume_from_checkpoint = launch.from_main(resume_from_checkpoint)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None:  # dist=fsdp: reduce gradients in fp32 (launch.fsdp_mixed_precision)
+            launch.use_fsdp_mixed_precision(plugin, self.accelerator.mixed_precision)
         if resume_from_checkpoint is not None:
+            if (Path(resume_from_checkpoint) / experts.ADAPTER_FILE).is_file():  # quantized MoE (ours)
+                experts.load_adapters(self.model, resume_from_checkpoint)
             saved = checkpoints.read_state(Path(resume_from_checkpoint))
             self._restore_ladder(saved["ladder"])
             self.run_facts = saved.get("run", {})
@@ -118,12 +126,25 @@ class StepDownTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):
         start = time.perf_counter()
         folder = Path(self.args.output_dir)
-        self._staging = checkpoints.staging(folder)
+        many = self.args.world_size > 1
+        # Several processes (#13) write one checkpoint, each its own files in it (rng_state_<rank>.pth,
+        # FSDP / DeepSpeed shards): rank 0 empties the staging folder before anyone writes, and seals
+        # and renames it once everyone has written; nobody goes on before it is in place.
+        if many:
+            if self.args.should_save:
+                checkpoints.staging(folder)
+            self.accelerator.wait_for_everyone()
+            self._staging = folder / checkpoints.STAGING
+        else:
+            self._staging = checkpoints.staging(folder)
         try:
             super()._save_checkpoint(model, trial)  # writes into the staging folder (_get_output_dir)
         finally:
             written, self._staging = self._staging / f"checkpoint-{self.state.global_step}", None
+        if many:
+            self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            experts.save_adapters(self.model, written)  # quantized MoE: sealed in the manifest too
             state = {
                 "step": self.state.global_step,
                 "ladder": self._ladder_state(),
@@ -132,6 +153,8 @@ class StepDownTrainer(SFTTrainer):
                 "run": self.run_facts,
             }
             checkpoints.publish(written, folder, state, self.args.save_total_limit)
+        if many:
+            self.accelerator.wait_for_everyone()
         self.checkpoint_seconds += time.perf_counter() - start
 
     def _get_output_dir(self, trial) -> str:

@@ -244,7 +244,7 @@ def _train(cfg: Config, resume: lifecycle.Resume | None, signals: lifecycle.Sign
     )
     trainer.run_facts = facts
     checkpoint = resume.checkpoint if resume else None
-    experts.attach(trainer, checkpoint)  # quantized MoE: our expert adapters train and checkpoint too
+    experts.attach(trainer)  # quantized MoE: our expert adapters train (and checkpoint, finetune.oom)
     if resume is not None:
         print(
             f"resuming {run_dir} from {checkpoint.name}"
@@ -301,6 +301,9 @@ def _save(trainer, processor, target: Path, cfg: Config) -> None:
     if launch.is_main():  # (#13) every rank takes part in save_model, rank 0 alone writes the rest
         shutil.rmtree(partial, ignore_errors=True)
     launch.barrier()
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:  # dist=fsdp: checkpoints stay sharded, but save_model writes no weights
+        plugin.set_state_dict_type("FULL_STATE_DICT")  # for a sharded state dict: gather them whole
     trainer.save_model(str(partial))
     launch.barrier()
     if not launch.is_main():

@@ -1,6 +1,7 @@
 """Beyond one GPU (#13): the plan per device for each strategy, auto-fit across GPUs, the generated
 accelerate config read back by accelerate, FSDP2 wrapping with torch's fully_shard on 2 CPU
-processes, and a real 2-process data-parallel run through `torchrun -m finetune` (gloo)."""
+processes, a real 2-process data-parallel run through `torchrun -m finetune` (gloo), and one that
+is stopped with Ctrl-C mid-run and resumed: checkpoints, signals and `resume=` across processes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from conftest import compose, tiny_overrides
 
-from finetune import UserError, autofit, launch, memory
+from finetune import UserError, autofit, checkpoints, launch, lifecycle, memory
 from finetune.memory.distributed import Layout, per_device
 
 HELPERS = Path(__file__).parent / "dist_helpers"
@@ -130,10 +131,124 @@ def test_trainer_arguments_carry_fsdp2(tmp_path):
     assert args.fsdp_config["version"] == 2 and args.fsdp_config["reshard_after_forward"] is True
 
 
-def _torchrun(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """torchrun in its own process group, so a timeout ends its workers too."""
+def test_fsdp2_reduces_gradients_in_fp32(tmp_path, monkeypatch):
+    """Neither the accelerate config nor TrainingArguments can name a mixed precision policy: the
+    plugin the Trainer builds from its fsdp arguments gets ours, and accelerate keeps it."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "")  # the plugin sets it: undone after the test
+    p = autofit.resolve(
+        compose(["dist=fsdp", "model=llama-3-8b", "hw=a100-80gb", "hw.num_gpus=8", *REAL_DATA])
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **launch.trainer_kwargs(p.cfg))
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)  # as Trainer builds it
+    plugin.set_mixed_precision("bf16")  # accelerate's own, when the Accelerator starts
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16
+    launch.use_fsdp_mixed_precision(plugin, launch.mixed_precision(p.cfg))  # StepDownTrainer.train
+    plugin.set_mixed_precision("bf16")  # set again: an existing policy stays
+    policy = plugin.mixed_precision_policy
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    plugin.validate_mixed_precision_policy()
+
+
+def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(tiny_model, tmp_path):
+    import torch
+
+    from finetune import models
+
+    for dist, storage in (("fsdp", torch.bfloat16), ("ddp", torch.uint8)):
+        cfg = compose(
+            tiny_overrides(
+                tiny_model, tmp_path, "hw=cpu", "quant=4bit", f"dist={dist}", "model.attn_implementation=sdpa"
+            )
+        )
+        model = models.load_model(str(tiny_model), cfg, torch.bfloat16)
+        assert model.config.quantization_config.bnb_4bit_quant_storage == storage
+        weight = model.model.layers[0].mlp.down_proj.weight
+        assert type(weight).__name__ == "Params4bit" and weight.dtype == storage  # FSDP2 shards it
+
+
+def test_the_resume_line_names_the_launcher(monkeypatch, tmp_path):
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", launch.SPAWNED):
+        monkeypatch.delenv(key, raising=False)
+    assert lifecycle.resume_command(tmp_path) == f"python -m finetune resume={tmp_path}"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert lifecycle.resume_command(tmp_path) == f"torchrun --nproc_per_node 2 -m finetune resume={tmp_path}"
+    monkeypatch.setenv(launch.SPAWNED, "1")  # `python -m finetune hw.num_gpus=2` starts them again
+    assert lifecycle.resume_command(tmp_path) == f"python -m finetune resume={tmp_path}"
+
+
+def test_spawn_waits_for_the_workers_on_ctrl_c_and_passes_sigterm_on(monkeypatch, tmp_path):
+    """`python -m finetune hw.num_gpus=N` waits for accelerate's launcher (here a stand-in that exits
+    1 on a signal, as torchrun's agent does): Ctrl-C reaches the launcher from the terminal, not
+    from us; a SIGTERM to us alone is passed on. Either way we exit 128 + the signal."""
+    import signal
+    import tempfile
+    import threading
+    import time
+    import types
+
+    stand_in = (
+        "import signal, sys, time\n"
+        "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, lambda *a: sys.exit(1))\n"
+        "print('ready', flush=True)\ntime.sleep(60)"
+    )
+    real, started = subprocess.Popen, []
+
+    def popen(command, **kwargs):
+        started.append(real([sys.executable, "-c", stand_in], stdout=subprocess.PIPE, text=True, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    monkeypatch.setattr(launch, "write_accelerate_config", lambda cfg, folder: folder / "accelerate.yaml")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = types.SimpleNamespace(
+        dist=types.SimpleNamespace(strategy="ddp"), hw=types.SimpleNamespace(num_gpus=2)
+    )
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        before, started[:] = signal.getsignal(sig), []
+
+        def send(sig=sig, before=before):
+            while not started or signal.getsignal(sig) is before:  # spawn's handler is in place
+                time.sleep(0.01)
+            started[0].stdout.readline()
+            os.kill(os.getpid(), sig)
+            if sig == signal.SIGINT:  # the terminal's Ctrl-C reaches the launcher too
+                time.sleep(0.2)
+                started[0].send_signal(sig)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert launch.spawn(cfg, []) == code
+        sender.join()
+        assert signal.getsignal(sig) is before
+
+
+def test_a_signal_the_agent_passes_on_is_not_a_second_ctrl_c(monkeypatch):
     import signal
 
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    signals = lifecycle.Signals()
+    signals.graceful = True
+    signals._handle(signal.SIGINT, None)  # from the terminal
+    signals._handle(signal.SIGINT, None)  # torchrun passing it on, milliseconds later
+    assert signals.received == signal.SIGINT and signals.agree() == signal.SIGINT
+    signals._first -= lifecycle.AGENT_ECHO_SECONDS  # a real second Ctrl-C
+    with pytest.raises(lifecycle.Interrupted):
+        signals._handle(signal.SIGINT, None)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    alone = lifecycle.Signals()  # one process without an agent: the second one stops at once
+    alone.graceful = True
+    alone._handle(signal.SIGTERM, None)
+    with pytest.raises(lifecycle.Interrupted):
+        alone._handle(signal.SIGINT, None)
+
+
+def _torchrun_command(*args: str, env: dict | None = None) -> tuple[list[str], dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     full = {
         **os.environ,
@@ -142,6 +257,14 @@ def _torchrun(*args: str, env: dict | None = None, timeout: int = 600) -> subpro
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
+    return command, full
+
+
+def _torchrun(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """torchrun in its own process group, so a timeout ends its workers too."""
+    import signal
+
+    command, full = _torchrun_command(*args, env=env)
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full, start_new_session=True
     )
@@ -214,3 +337,98 @@ def test_torchrun_two_processes_train_one_run(tiny_model, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-4 + 1e-3 * b[key].abs().max(), key
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    out = tmp_path / "agreed.json"
+    result = _torchrun(str(HELPERS / "signal_agreement.py"), str(out), str(tmp_path / "run"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    for r in ranks:
+        assert r["steps"] == [[False, False], [True, True]]  # both save and stop after step 2
+        assert r["signum"] == 15 and r["exit"] == 143
+        assert r["late"] == 2  # a signal after the last step's end: both stop at once
+        assert r["timed_save"] is True  # save_steps=auto: when one rank's clock says so
+    said = ranks[0]["stderr"]
+    assert "SIGTERM in another process: stopping after this optimizer step" in said
+    assert said.count("Resume with:") == 1
+    assert f"Resume with: torchrun --nproc_per_node 2 -m finetune resume={tmp_path / 'run'}" in said
+    assert ranks[1]["stderr"] == ""  # rank 0 alone speaks
+
+
+def test_torchrun_ctrl_c_saves_both_ranks_and_resume_finishes_the_run(tiny_model, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to torchrun and both workers, which torchrun then passes
+    on once more) after the first checkpoint; then `torchrun ... -m finetune resume=<run>`."""
+    import signal
+    import time
+
+    out, trace, exits = tmp_path / "runs", tmp_path / "trace", tmp_path / "exits"
+    trace.mkdir()
+    exits.mkdir()
+    overrides = {
+        o.split("=")[0]: o
+        for o in tiny_overrides(
+            tiny_model,
+            out,
+            "hw=cpu",
+            "train.eval_samples=0",
+            "train.max_steps=4",
+            "train.save_steps=1",
+            "train.logging_steps=1",
+            "data.max_length=64",
+        )
+    }
+    env = {
+        "PYTHONPATH": f"{HELPERS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "FINETUNE_TEST_TRACE": str(trace),
+        "FINETUNE_TEST_EXITS": str(exits),
+    }
+    command, full = _torchrun_command("-m", "finetune", *overrides.values(), env=env)
+    full["FINETUNE_TEST_SLOW_STEP"] = "1"  # a second after each step: the signal lands mid-run
+    with (tmp_path / "stdout.txt").open("w") as o, (tmp_path / "stderr.txt").open("w") as e:
+        proc = subprocess.Popen(command, stdout=o, stderr=e, env=full, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob(f"*/checkpoints/checkpoint-1/{checkpoints.STATE}")):
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert [(exits / f"exit{r}").read_text() for r in (0, 1)] == ["130", "130"], err[-3000:]
+    frames = [line for line in err.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "finetune" + os.sep in f], err[-3000:]  # torchrun's own traceback only
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    run = runs[0]
+    lines = [line for line in err.splitlines() if "Resume with:" in line]
+    assert len(lines) == 1 and lines[0].startswith("finetune: stopped at step"), err[-3000:]
+    assert lines[0].endswith(f"Resume with: torchrun --nproc_per_node 2 -m finetune resume={run}")
+    step = int(lines[0].split()[4])
+    assert 2 <= step < 4
+    saved = run / "checkpoints" / f"checkpoint-{step}"
+    assert checkpoints.problem(saved) is None
+    listed = checkpoints.read_state(saved)["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= set(listed)
+    assert not (run / "checkpoints" / checkpoints.STAGING).exists()
+
+    resumed = _torchrun("-m", "finetune", f"resume={run}", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming {run} from checkpoint-{step}" in resumed.stdout
+    assert [(exits / f"exit{r}").read_text() for r in (0, 1)] == ["0", "0"]
+    for r in (0, 1):  # the same checkpoint on both ranks, each its own RNG state
+        rng = json.loads((trace / f"rng{r}.json").read_text())
+        assert rng == {"checkpoint": str(saved), "loaded": [str(saved / f"rng_state_{r}.pth")]}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert sorted(h["step"] for h in summary["log_history"] if "loss" in h) == [1, 2, 3, 4]
+    # Before and after the stop, each rank trained on 4 micro-batches: none again, none shared.
+    seen = {r: [json.loads(x) for x in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    rows = {r: [tuple(x) for step in seen[r] for x in step] for r in (0, 1)}
+    assert len(seen[0]) == len(seen[1]) == 4
+    assert len(set(rows[0])) == len(rows[0]) and not set(rows[0]) & set(rows[1])
