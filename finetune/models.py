@@ -232,14 +232,15 @@ def _experts(model, cfg: Any, dtype, device) -> None:
 def peft_config(cfg: Any, vision: bool = False):
     """A peft LoraConfig, or None for a full fine-tune. Plain Python values only (peft#2239).
 
-    Fused expert stacks are adapted by finetune.experts, not PEFT: their names are left out here. On
-    such a model all-linear becomes the list of its Linear names without the routers, because PEFT
-    would otherwise re-target the v4 expert and router names as parameters (mlp.gate.weight): the
-    routers stay frozen, an adapted router re-routes tokens."""
+    Fused expert stacks are adapted by finetune.experts, not PEFT: their names are left out here
+    unless they also name a Linear (down_proj of a dense or shared MLP). On such a model all-linear
+    becomes the list of its Linear names without the routers, because PEFT would otherwise re-target
+    the v4 expert and router names as parameters (mlp.gate.weight): the routers stay frozen, an
+    adapted router re-routes tokens. The config is memory.reading's, the one the estimator reads
+    all-linear with, which keeps PEFT from moving Linear targets to the expert stacks (peft#3711)."""
     if not cfg.lora.enabled:
         return None
-    from peft import LoraConfig
-
+    from finetune.memory.reading import lora_config
     from finetune.memory.tensors import EXPERT_KINDS
     from finetune.schema import targets
 
@@ -258,13 +259,15 @@ def peft_config(cfg: Any, vision: bool = False):
     elif everything:
         names = _linears_beside_experts(cfg) or names
     else:
-        names = [n for n in names if n.rpartition(".")[2] not in (*EXPERT_KINDS, "experts")]
+        stacks = [n for n in names if n.rpartition(".")[2] in (*EXPERT_KINDS, "experts")]
+        linears = _linear_names(cfg) if stacks else []
+        names = [n for n in names if n not in stacks or any(m == n or m.endswith(f".{n}") for m in linears)]
         if not names:
             raise UserError(
                 f"lora.target_modules={targets(cfg.lora)} names only expert stacks; add an attention module "
                 "(e.g. q_proj,v_proj) or use all-linear."
             )
-    return LoraConfig(
+    return lora_config(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=dropout,
@@ -287,6 +290,13 @@ def _linears_beside_experts(cfg: Any) -> list[str] | None:
         return None
     s = memory.Settings(quant=cfg.quant.load_in, lora_r=cfg.lora.r, lora_targets=("all-linear",))
     return sorted({p.rpartition(".")[2] for p, _i, _o, mult, _n in tensors.adapted(a, s) if mult == 1})
+
+
+def _linear_names(cfg: Any) -> list[str]:
+    """The Linear/Conv1D/Embedding modules of the model (the estimator's patterns, '*' for indices)."""
+    from finetune import memory, source
+
+    return [m.name for m in memory.describe(source.architecture(cfg.model)).modules]
 
 
 VISION_TOWER = r".*(visual|vision_tower|vision_model|multi_modal_projector).*"

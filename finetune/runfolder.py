@@ -223,7 +223,9 @@ def load_model(run: Run, dtype: str = "auto", merge: bool = True, device: str = 
         from peft import PeftModel
 
         from finetune import experts
+        from finetune.memory.reading import keep_linear_targets
 
+        keep_linear_targets()  # reload the shared-expert / dense-MLP adapters where they trained
         model = PeftModel.from_pretrained(model, str(run.weights))
         if merge:
             model = model.merge_and_unload()

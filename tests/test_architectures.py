@@ -95,7 +95,9 @@ def test_counts_equal_the_meta_model_modern(model_type):
 )
 def test_adapter_counts_are_peft_s(model_type, targets):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from finetune.memory.reading import lora_config
 
     a = {"model_type": model_type, **SMALL, **MODERN.get(model_type, {})}
     if model_type == "falcon":
@@ -104,7 +106,7 @@ def test_adapter_counts_are_peft_s(model_type, targets):
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         target = "all-linear" if targets == ("all-linear",) else list(targets)
-        model = get_peft_model(model, LoraConfig(r=8, target_modules=target))
+        model = get_peft_model(model, lora_config(r=8, target_modules=target))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     est = estimate(a, Settings(lora_r=8, lora_targets=targets))
     assert est.adapter_gib * GIB == trainable * 4  # fp32 adapters on an unquantized base

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY_DIMS, build_tiny_model, compose, tiny_overrides
 
-from finetune import experts, memory, models
+from finetune import experts, memory, models, source
 from finetune.memory.tensors import ROUTERS
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -103,7 +103,7 @@ def test_expert_storage_is_quantized_and_estimated(moe, tmp_path, quant, ceiling
     stored, dense = _stored_bytes(model), _dense_expert_bytes(folder)
     assert stored < ceiling * dense, (stored, dense)  # 4-bit: ~0.27 of bf16 at these tiny widths
     # the estimator's expert storage matches the real bytes (constants included)
-    a = memory.describe(memory.load_arch(str(folder)))
+    a = memory.describe(source.read_config(folder / "config.json"))
     s = memory.Settings(quant=quant, double_quant=cfg.quant.double_quant, lora_r=8)
     assert memory.tensors.expert_storage_bytes(a, s) == pytest.approx(stored, rel=0.01)
 
@@ -233,30 +233,78 @@ def test_adapters_round_trip_for_resume(moe, tmp_path):
     assert all(torch.equal(p, experts.adapter_parameters(fresh)[n]) for n, p in params.items())
 
 
-def test_only_expert_targets_is_refused(tmp_path):
+@pytest.mark.parametrize("moe", ["mixtral"], indirect=True)
+def test_only_expert_targets_is_refused(moe, tmp_path):
     from finetune import UserError
 
-    cfg = compose(tiny_overrides(tmp_path, tmp_path, "quant=4bit", "lora.target_modules=[gate_up_proj]"))
-    with pytest.raises(UserError, match="names only expert stacks"):
-        models.peft_config(cfg)
+    _, folder = moe
+    for names in ("[gate_up_proj]", "[down_proj]"):  # Mixtral's MLPs are all experts: no Linear so named
+        cfg = compose(tiny_overrides(folder, tmp_path, "quant=4bit", f"lora.target_modules={names}"))
+        with pytest.raises(UserError, match="names only expert stacks"):
+            models.peft_config(cfg)
 
 
-@pytest.mark.parametrize("moe", sorted(SHARED_EXPERTS), indirect=True)
-def test_shared_experts_get_peft_lora_under_all_linear(moe, tmp_path, request):
-    arch, folder = moe
-    if arch.startswith("deepseek"):
-        # PEFT 0.21 on transformers 5 renames the v4 expert targets of Qwen2-MoE-patterned models (DeepSeek,
-        # Qwen3-MoE, OLMoE, ...): gate_proj/up_proj/down_proj leave target_modules for target_parameters,
-        # so the shared experts' and the dense layers' Linear4bit are not adapted (Qwen2-MoE itself is not
-        # in transformers' pattern table): huggingface/peft#3711, fix proposed in peft#3715. Until then
-        # finetune.models.peft_config would have to get around it.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="PEFT moves MLP names out of targets"))
+# the Linears of an MoE model's MLPs beside its routed experts: shared experts, dense (first_k_dense_replace)
+# layers; PEFT 0.21 moves their names to the fused stacks' parameters on DeepSeek and Qwen3-MoE
+# (huggingface/peft#3711) unless memory.reading's LoraConfig keeps them
+_MLP_LINEARS = re.compile(r".*\.mlp\.(shared_experts?\.)?(gate|up|down)_proj")
+
+
+def _mlp_linears_train(folder, cfg, want: int) -> None:
+    """PEFT puts LoRA on every dense/shared MLP Linear, each adapter gets a gradient, and the estimator
+    plans exactly the modules PEFT adapted (finetune.experts' own expert adapters aside)."""
     from peft import get_peft_model
 
-    cfg = _cfg(folder, tmp_path, "quant=4bit")
     model = get_peft_model(models.load_model(str(folder), cfg, torch.float32), models.peft_config(cfg))
-    adapted = {n.partition(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert {n for n, _ in model.named_modules() if _SHARED.fullmatch(n)} <= adapted, sorted(adapted)
+    mlp = {n: m for n, m in model.named_modules() if _MLP_LINEARS.fullmatch(n)}
+    assert len(mlp) == want and all(hasattr(m, "lora_A") for m in mlp.values()), sorted(mlp)
+    for m in mlp.values():
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02)  # B starts at 0: A's gradient with it
+    batch = models.load_processor(str(folder), cfg.model)(["the cat sat on the mat"], return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    for n, m in mlp.items():
+        for part in (m.lora_A["default"], m.lora_B["default"]):
+            assert part.weight.grad is not None and part.weight.grad.abs().sum() > 0, n
+
+    from finetune.schema import targets
+
+    got: dict[str, int] = {}  # module pattern -> adapters (PEFT nests one ParamWrapper per expert stack)
+    for n, m in model.named_modules():
+        if hasattr(m, "lora_A"):
+            k = re.sub(r"\.\d+\.", ".*.", n.removeprefix("base_model.model.").replace(".base_layer", ""))
+            got[k] = got.get(k, 0) + 1
+    a = memory.describe(source.read_config(folder / "config.json"))
+    s = memory.Settings(quant=cfg.quant.load_in, lora_r=8, lora_targets=tuple(targets(cfg.lora)))
+    planned: dict[str, int] = {}
+    for name, _i, _o, _mult, count in memory.tensors.adapted(a, s):
+        if not name.startswith("experts."):  # finetune.experts' own, not PEFT's
+            planned[name] = planned.get(name, 0) + count
+    assert got == planned
+
+
+@pytest.mark.parametrize(
+    "quant, target",
+    [("4bit", "all-linear"), ("none", "all-linear"), ("4bit", "[gate_proj,up_proj,down_proj,o_proj]")],
+)
+@pytest.mark.parametrize("moe", sorted(SHARED_EXPERTS), indirect=True)
+def test_shared_experts_and_dense_mlps_get_peft_lora(moe, tmp_path, quant, target):
+    arch, folder = moe
+    cfg = _cfg(folder, tmp_path, f"quant={quant}", f"lora.target_modules={target}")
+    # gate, up, down of the shared expert of each MoE layer (Qwen2-MoE: both layers) and of the dense layer
+    _mlp_linears_train(folder, cfg, want=6)
+
+
+def test_qwen3_moe_dense_layers_get_peft_lora(tmp_path):
+    folder = build_tiny_model(
+        tmp_path / "tiny",
+        arch="qwen3_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        mlp_only_layers=[0],  # layer 0 a dense MLP of Linears, layer 1 the experts
+    )
+    for quant in ("4bit", "none"):
+        _mlp_linears_train(folder, _cfg(folder, tmp_path, f"quant={quant}"), want=3)
 
 
 # ---- gpt-oss as shipped: experts in MXFP4 (two e2m1 values a byte, one e8m0 exponent per 32 values)

@@ -22,9 +22,9 @@ from finetune.memory import (
     Settings,
     count_params,
     estimate,
-    load_arch,
     reference_param_count,
 )
+from finetune.source import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = Path(__file__).parent / "archs"
@@ -40,7 +40,7 @@ ALL_ARCHS = [
 
 
 def arch(name: str) -> dict:
-    return load_arch(str(ARCHS / f"{name}.json"))
+    return read_config(ARCHS / f"{name}.json")
 
 
 def script(name: str):
@@ -76,14 +76,11 @@ def test_estimate_keys_are_the_public_contract():
     assert all(v >= 0 for v in est.as_dict().values())
 
 
-def test_load_arch(tmp_path):
+def test_read_config_drops_provenance_notes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "_note": "x", "hidden_size": 8}))
-    assert load_arch(str(tmp_path)) == {"model_type": "llama", "hidden_size": 8}
-    assert load_arch(str(tmp_path / "config.json"))["hidden_size"] == 8
-    for bad in (tmp_path / "missing", "meta-llama/Llama-3.1-8B"):
-        with pytest.raises(UserError, match="config.json") as err:
-            load_arch(str(bad))
-        assert str(bad) in str(err.value)
+    assert read_config(tmp_path / "config.json") == {"model_type": "llama", "hidden_size": 8}
+    with pytest.raises(UserError, match="cannot read it"):
+        read_config(tmp_path / "missing" / "config.json")
 
 
 @pytest.mark.parametrize(

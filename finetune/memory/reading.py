@@ -21,7 +21,7 @@ from pathlib import Path
 
 from finetune import UserError
 
-FORMAT = 1  # bump when the reading's layout or meaning changes: old cached readings are then ignored
+FORMAT = 2  # bump when the reading's layout or meaning changes: old cached readings are then ignored
 SHIPPED = Path(__file__).with_name("readings.json")
 TASKS = ("causal-lm", "sequence-classification")  # the second only for the calibration's BERT rows
 PROBE_RANK = 4  # LoRA rank PEFT is run with while reading; adapter sizes are linear in the rank
@@ -508,18 +508,107 @@ def _read_vision(model, decoder, config) -> dict | None:
     }
 
 
+def lora_config(**fields):
+    """The LoraConfig for PEFT, in training (finetune.models.peft_config, which TRL hands to PEFT) and
+    while reading what all-linear adapts (_peft_all_linear): one path, so the plan counts the adapters
+    that train. PEFT's own config, with its MoE target conversion made to keep Linear modules
+    (keep_linear_targets)."""
+    from peft import LoraConfig
+
+    keep_linear_targets()
+    return LoraConfig(**fields)
+
+
+def keep_linear_targets() -> None:
+    """Make PEFT's transformers-5 MoE target conversion keep the Linear modules the targets name.
+
+    On models patterned on Qwen2-MoE or Mixtral (DeepSeek-V2/V3, Qwen3-MoE, OLMoE, ...) PEFT 0.21
+    (peft/utils/transformers_weight_conversion.py, ``_convert_peft_config_moe``) moves every target
+    named like a v4 expert projection (gate_proj, up_proj, down_proj; ``all-linear`` resolved to
+    them too) out of target_modules into target_parameters, the fused 3-D expert stacks -- also
+    where the name is an ordinary Linear, even one named in full: the shared experts and the dense
+    MLP layers then get no LoRA at all (huggingface/peft#3711, fix proposed in peft#3715). Wrapped
+    here: Linears named in full pass the conversion by; the rest is converted as before (routed
+    experts and routers stay PEFT's parameter LoRA); then the Linear/Conv1D modules with those
+    names that the config targets are targets by their full names, and the expert parameters the
+    conversion added that this model does not have (finetune.experts swapped them out under
+    quantization) are dropped, so a saved adapter loads the same way on the 16-bit model. Idempotent;
+    changes PEFT for the whole process."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    convert = conversion._convert_peft_config_moe
+    if getattr(convert, "keeps_linears", False):
+        return
+
+    def convert_keeping_linears(peft_config, model) -> None:
+        linears = _renamed_linears(peft_config, model, conversion)
+        if not linears:
+            return convert(peft_config, model)
+        if not isinstance(peft_config.target_modules, str):
+            peft_config.target_modules = [t for t in peft_config.target_modules if t not in linears]
+        before = {f: dict(getattr(peft_config, f) or {}) for f in ("rank_pattern", "alpha_pattern")}
+        before_params = set(peft_config.target_parameters or ())
+        convert(peft_config, model)
+        if isinstance(peft_config.target_modules, str):  # the conversion left it alone
+            return None
+        params = [n for n, _ in model.named_parameters()]
+        for t in set(peft_config.target_parameters or ()) - before_params:
+            if not any(n == t or n.endswith(f".{t}") for n in params):
+                peft_config.target_parameters.discard(t)
+                pattern = rf".*\.{re.escape(t)}"  # the conversion's rank/alpha for a fused stack
+                for f, kept in before.items():
+                    if pattern not in kept:
+                        getattr(peft_config, f).pop(pattern, None)
+        peft_config.target_modules = set(peft_config.target_modules or ()) | linears
+        return None
+
+    convert_keeping_linears.keeps_linears = True
+    conversion._convert_peft_config_moe = convert_keeping_linears
+
+
+def _renamed_linears(peft_config, model, conversion) -> set[str]:
+    """Full names of the Linear/Conv1D modules the config targets (PEFT's own matching, all-linear
+    resolved PEFT's way) that the conversion would move to target_parameters by their leaf name."""
+    import copy
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    base = conversion._MODEL_TO_CONVERSION_PATTERN.get(getattr(model.config, "model_type", None))
+    mapping = conversion._MOE_TARGET_MODULE_MAPPING.get(base) or {}
+    renamed = {old for old, new in mapping.items() if not new.endswith(".weight")}  # routers: PEFT's way
+    if not renamed or not getattr(peft_config, "target_modules", None):
+        return set()
+    probe = _maybe_include_all_linear_layers(copy.copy(peft_config), model)
+    return {
+        name
+        for name, m in model.named_modules()
+        if name.rpartition(".")[2] in renamed and _is_linear(m) and check_target_module_exists(probe, name)
+    }
+
+
+def _is_linear(module) -> bool:
+    """PEFT's all-linear test: nn.Linear (bitsandbytes' too), Conv1D, or a Linear PEFT already wrapped."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, BaseTunerLayer):
+        return "Linear" in type(module).__name__
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
 def _peft_all_linear(model) -> list[list] | dict:
     """What PEFT's ``target_modules='all-linear'`` adapts on this model, from the LoRA tensors it
     creates at rank PROBE_RANK: [pattern, in, out, rank multiple, count] per adapted module."""
     import warnings
 
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # PEFT's notes on MoE rank patterns it could not apply
         try:
-            peft_model = get_peft_model(model, LoraConfig(r=PROBE_RANK, target_modules="all-linear"))
+            peft_model = get_peft_model(model, lora_config(r=PROBE_RANK, target_modules="all-linear"))
         except Exception as e:  # PEFT refuses some models (Mamba): the estimate says so if asked
             return {"error": _first_line(e)}
     found: dict[str, dict] = {}
