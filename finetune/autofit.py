@@ -60,7 +60,7 @@ class Plan:
     lr_why: str = ""  # why this learning rate, when it was auto
 
 
-def budget_gib(hw: Any) -> float:
+def budget_gib(hw: HardwareConfig) -> float:
     """Memory the plan may use on one device: the GPU's, or the machine's RAM on a CPU."""
     if hw.num_gpus > 0:
         return hw.gpu_memory_gb * (1 - SAFETY_MARGIN)
@@ -154,7 +154,9 @@ def active_params(arch: dict) -> int:
     return round(counts.total - counts.vision - idle - lookup)
 
 
-def tokens_per_second(arch: dict, s: memory.Settings, hw: Any, relative: bool = False) -> float | None:
+def tokens_per_second(
+    arch: dict, s: memory.Settings, hw: HardwareConfig, relative: bool = False
+) -> float | None:
     """Training throughput from FLOPs per token and the GPU's rate (see the constants above).
 
     Forward: 2 FLOPs per active weight per token, plus causal attention. Backward: twice the forward
@@ -407,7 +409,7 @@ def smallest_gpu(cfg: Config, arch: dict) -> str | None:
     return None
 
 
-def smallest_count(cfg: Config, arch: dict, hw: Any) -> tuple[int, str, Any] | None:
+def smallest_count(cfg: Config, arch: dict, hw: HardwareConfig) -> tuple[int, str, Any] | None:
     """(GPU count, dist option, estimate per GPU): the fewest GPUs like `hw` that hold this config
     (its `auto` fields re-resolved, batch.effective kept), or None up to MAX_GPUS."""
     if hw.num_gpus == 0:
@@ -434,7 +436,7 @@ def multi_gpu_line(model: str, full: bool, count: tuple[int, str, Any], gpu: str
     return f"{model} {kind}: {n} x {gpu} with dist={option} ({est.total_gib:.1f} GiB per GPU{host})"
 
 
-def require_fit(p: Plan, original: Any) -> None:
+def require_fit(p: Plan, original: Config) -> None:
     """Stop before loading weights when the plan does not fit, with the numbers and the way out."""
     if p.fits:
         return

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from finetune.schema import Config
+
 SPAWNED = "FINETUNE_LAUNCHED"
 """Set in the processes `spawn` starts: they train instead of launching again."""
 CONFIG_ENV = "FINETUNE_ACCELERATE_CONFIG"
@@ -36,7 +38,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def world_size(cfg: Any = None) -> int:
+def world_size(cfg: Config | None = None) -> int:
     """Processes taking part: the launcher's WORLD_SIZE, else the GPUs the plan is for."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
@@ -127,13 +129,13 @@ def command() -> str:
     return f"torchrun --nnodes {n // local} --nproc_per_node {local} <rendezvous options> -m finetune"
 
 
-def mixed_precision(cfg: Any) -> str:
+def mixed_precision(cfg: Config) -> str:
     from finetune import hardware
 
     return hardware.precision(cfg).mixed
 
 
-def fsdp_settings(cfg: Any, layer_classes: list[str] | None = None) -> dict:
+def fsdp_settings(cfg: Config, layer_classes: list[str] | None = None) -> dict:
     """accelerate's FSDP2 settings for this run, by their config-file names (fsdp_*).
 
     The mixed precision policy is not among them: neither accelerate's config file (FSDP_* variables)
@@ -159,7 +161,7 @@ def fsdp_settings(cfg: Any, layer_classes: list[str] | None = None) -> dict:
     return out
 
 
-def deepspeed_settings(cfg: Any) -> dict:
+def deepspeed_settings(cfg: Config) -> dict:
     """The DeepSpeed JSON for dist=zero2/zero3 (buckets as memory/distributed.py plans them)."""
     d, stage = cfg.dist, 2 if cfg.dist.strategy == "zero2" else 3
     prec = mixed_precision(cfg)
@@ -187,7 +189,7 @@ def deepspeed_settings(cfg: Any) -> dict:
     }
 
 
-def accelerate_config(cfg: Any, deepspeed_file: Path | None = None) -> dict:
+def accelerate_config(cfg: Config, deepspeed_file: Path | None = None) -> dict:
     """The YAML `accelerate launch --config_file` reads for this run (one machine)."""
     s, n = cfg.dist.strategy, world_size(cfg)
     out: dict[str, Any] = {
@@ -226,7 +228,7 @@ def accelerate_config(cfg: Any, deepspeed_file: Path | None = None) -> dict:
     return out
 
 
-def write_accelerate_config(cfg: Any, folder: Path) -> Path:
+def write_accelerate_config(cfg: Config, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ds_file = None
     if cfg.dist.strategy in ("zero2", "zero3"):
@@ -242,7 +244,7 @@ def write_accelerate_config(cfg: Any, folder: Path) -> Path:
     return target
 
 
-def trainer_kwargs(cfg: Any) -> dict:
+def trainer_kwargs(cfg: Config) -> dict:
     """The TrainingArguments that carry dist into the HF Trainer when no accelerate config set the
     environment (torchrun, or one process): FSDP2 or DeepSpeed through accelerate's plugins."""
     s = cfg.dist.strategy
@@ -257,12 +259,12 @@ def trainer_kwargs(cfg: Any) -> dict:
     return {}
 
 
-def should_spawn(cfg: Any) -> bool:
+def should_spawn(cfg: Config) -> bool:
     """`python -m finetune` planned for N > 1 GPUs and no launcher started us: start N processes."""
     return world_size(cfg) > 1 and "WORLD_SIZE" not in os.environ and not os.environ.get(SPAWNED)
 
 
-def spawn(cfg: Any, argv: list[str]) -> int:
+def spawn(cfg: Config, argv: list[str]) -> int:
     """Start the run again under accelerate's launcher with the generated config; returns its exit code."""
     import subprocess
     import tempfile
