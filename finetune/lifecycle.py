@@ -339,7 +339,11 @@ def resume_point(cfg: Config, overrides: list[str]) -> Resume:
                 was = schema.get(saved, key)
             except AttributeError:
                 was = None
-            shown = f" (the run used {key}={was})" if was is not None and not dataclasses.is_dataclass(was) else ""
+            shown = (
+                f" (the run used {key}={was})"
+                if was is not None and not dataclasses.is_dataclass(was)
+                else ""
+            )
             raise UserError(
                 f"resume: {key} cannot change when resuming a run{shown}: only {', '.join(RESUMABLE)} can. "
                 "Start a new run to change it."

@@ -7,9 +7,9 @@ import importlib.metadata
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from finetune import UserError, cache_dir
+from finetune.schema import Config, ModelConfig
 
 
 def _gguf_source(spec: str) -> Path:
@@ -57,7 +57,7 @@ def _cache_aside(target: Path, model, processor) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def weights_path(model_cfg: Any) -> str:
+def weights_path(model_cfg: ModelConfig) -> str:
     """Where from_pretrained should load: name_or_path itself, or the converted GGUF cache of the
     catalog model (model.gguf_file is its offline copy, used only while name_or_path names it)."""
     from finetune import source
@@ -89,11 +89,11 @@ def _hf_config(path: str, trust_remote_code: bool):
         raise _missing_weights(path, err) from err
 
 
-def is_vision_language(path: str, model_cfg: Any) -> bool:
+def is_vision_language(path: str, model_cfg: ModelConfig) -> bool:
     return hasattr(_hf_config(path, model_cfg.trust_remote_code), "vision_config")
 
 
-def load_processor(path: str, model_cfg: Any):
+def load_processor(path: str, model_cfg: ModelConfig):
     """The tokenizer; for a vision-language model its processor (image processor + tokenizer)."""
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -110,7 +110,7 @@ def load_processor(path: str, model_cfg: Any):
     )
 
 
-def _prequantized(path: str, cfg: Any):
+def _prequantized(path: str, cfg: Config):
     """Checkpoints shipped quantized (gpt-oss: MXFP4 experts) are dequantized for training: MXFP4
     kernels are inference-only. Under quant=4bit/8bit the experts are then quantized again by
     finetune.experts, from a bf16 copy written once (bitsandbytes cannot take MXFP4 input)."""
@@ -123,7 +123,7 @@ def _prequantized(path: str, cfg: Any):
     return Mxfp4Config(dequantize=True)
 
 
-def _dequantized_copy(path: str, cfg: Any) -> str:
+def _dequantized_copy(path: str, cfg: Config) -> str:
     """A bf16 safetensors copy of an MXFP4 checkpoint (once, in the cache), for bitsandbytes to load."""
     from transformers import AutoModelForCausalLM
 
@@ -144,13 +144,13 @@ def _dequantized_copy(path: str, cfg: Any) -> str:
     return str(target)
 
 
-def _has_fused_experts(path: str, cfg: Any) -> bool:
+def _has_fused_experts(path: str, cfg: Config) -> bool:
     config = _hf_config(path, cfg.model.trust_remote_code)
     text = getattr(config, "text_config", None) or config
     return any(getattr(text, k, 0) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
-def load_model(path: str, cfg: Any, dtype):
+def load_model(path: str, cfg: Config, dtype):
     """The base model in `dtype`, quantized by bitsandbytes when quant.load_in asks for it."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
@@ -208,7 +208,7 @@ def load_model(path: str, cfg: Any, dtype):
     return model
 
 
-def _experts(model, cfg: Any, dtype, device) -> None:
+def _experts(model, cfg: Config, dtype, device) -> None:
     """Fused MoE experts under quant=4bit/8bit: quantized by finetune.experts, with per-expert LoRA
     when the targets reach them."""
     from finetune import experts
@@ -229,7 +229,7 @@ def _experts(model, cfg: Any, dtype, device) -> None:
         experts.add_adapters(model, targets(cfg.lora), cfg.lora.r, cfg.lora.alpha, dtype)
 
 
-def peft_config(cfg: Any, vision: bool = False):
+def peft_config(cfg: Config, vision: bool = False):
     """A peft LoraConfig, or None for a full fine-tune. Plain Python values only (peft#2239).
 
     Fused expert stacks are adapted by finetune.experts, not PEFT: their names are left out here
@@ -279,7 +279,7 @@ def peft_config(cfg: Any, vision: bool = False):
     )
 
 
-def _linears_beside_experts(cfg: Any) -> list[str] | None:
+def _linears_beside_experts(cfg: Config) -> list[str] | None:
     """On a model with fused experts: the leaf names of what all-linear adapts besides the experts and
     routers (the estimator's reading of PEFT's own choice); None on other models."""
     from finetune import memory, source
@@ -292,7 +292,7 @@ def _linears_beside_experts(cfg: Any) -> list[str] | None:
     return sorted({p.rpartition(".")[2] for p, _i, _o, mult, _n in tensors.adapted(a, s) if mult == 1})
 
 
-def _linear_names(cfg: Any) -> list[str]:
+def _linear_names(cfg: Config) -> list[str]:
     """The Linear/Conv1D/Embedding modules of the model (the estimator's patterns, '*' for indices)."""
     from finetune import memory, source
 
