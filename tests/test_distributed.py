@@ -60,6 +60,27 @@ def test_qlora_shards_the_4bit_weights():
     assert per_device(arch, s, kept).gathered_gib < 0.4 * bf16.gathered_gib
 
 
+def test_quantized_experts_are_replicated_not_sharded():
+    # finetune.experts keeps the quantized experts in buffers: FSDP and ZeRO-3 shard parameters only
+    from finetune.source import read_config
+
+    arch = read_config(Path(__file__).parent / "archs" / "mixtral-8x7b.json")
+    s = memory.Settings(quant="4bit", lora_r=16, seq_len=512, loss_impl="fused")
+    experts = memory.tensors.expert_storage_bytes(memory.describe(arch), s) / 2**30
+    one = memory.estimate(arch, s)
+    for strategy in ("fsdp", "zero3"):
+        for layout in (Layout(strategy, 8), Layout(strategy, 8, offload_params=True)):
+            est = per_device(arch, s, layout)
+            assert (
+                experts
+                <= est.weights_gib - est.gathered_gib
+                < experts + (one.weights_gib - experts) / 8 + 0.01
+            )
+    # the dense rest is divided as before
+    dense = per_device(_arch("llama-3-70b"), s, Layout("fsdp", 8))
+    assert dense.weights_gib - dense.gathered_gib < memory.estimate(_arch("llama-3-70b"), s).weights_gib / 7
+
+
 def test_70b_full_fine_tune_fits_8_a100_per_device():
     cfg = compose(["model=llama-3-70b", "lora=none", "hw=a100-80gb", "hw.num_gpus=8", *REAL_DATA])
     p = autofit.resolve(cfg)

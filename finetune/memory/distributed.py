@@ -11,7 +11,9 @@ divided the way the strategy divides it:
   largest all-gathered unit in the compute dtype twice (the unit running and the one prefetched;
   the whole model when parameters are not resharded after forward) and one unit's unsharded
   gradient for the reduce-scatter. With QLoRA the 4-bit weights are sharded too, which needs
-  ``bnb_4bit_quant_storage`` equal to the compute dtype.
+  ``bnb_4bit_quant_storage`` equal to the compute dtype. The fused MoE experts that
+  finetune.experts quantizes are buffers, which FSDP and ZeRO-3 neither shard nor offload: every
+  GPU holds all of them (their per-expert adapters are parameters and are sharded).
 * ``zero2`` / ``zero3`` -- the ZeRO paper's mixed-precision accounting: 16-bit parameters and
   gradients, fp32 master weights and Adam moments (12 bytes a trained parameter). ZeRO-2 divides
   the optimizer state and the gradients by N, ZeRO-3 the parameters too; buckets as configured in
@@ -139,7 +141,10 @@ def per_device(arch: dict, s: Settings, layout: Layout = Layout()) -> DeviceEsti
 
     p_div = n if shard_params else 1
     g_div = 1 if layout.strategy == "ddp" else n
-    gpu_weights = 0.0 if layout.offload_params else weights / p_div
+    # quantized experts (finetune.experts) are buffers: replicated on every GPU, never offloaded
+    kept = tensors.expert_storage_bytes(describe(arch), s) if tensors.twinned(describe(arch), s) else 0.0
+    weights -= kept
+    gpu_weights = kept + (0.0 if layout.offload_params else weights / p_div)
     gpu_adapter = 0.0 if layout.offload_params else adapter / p_div
     gpu_grads = grads / g_div
     gpu_optim = 0.0 if layout.offload_optimizer else optim / g_div
@@ -168,5 +173,5 @@ def per_device(arch: dict, s: Settings, layout: Layout = Layout()) -> DeviceEsti
         world_size=n,
         gathered_gib=gathered / GIB,
         comm_gib=comm / GIB,
-        host_gib=max(host * n, weights) / GIB,
+        host_gib=max(host * n, weights + kept) / GIB,
     )
