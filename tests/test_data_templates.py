@@ -167,6 +167,22 @@ def test_the_system_prompt_moved_into_the_last_user_turn_stays_untrained():
         assert [r.lstrip() for r in runs] == ["1988-07-04</s>"] and out["problem"] == "", name
 
 
+@pytest.mark.parametrize("name", ["mistral-v0.3", "mistral-nemo", "llama-3.1"])
+def test_a_template_that_leaves_the_system_message_out_of_training_says_so(name):
+    # Mistral's templates render the system message before a final user turn only: a training
+    # example ends with a reply, so it would silently train without its instructions.
+    rows = [{"messages": CASES["system"]}, {"messages": CASES["system"]}, {"messages": [Q1, A1]}]
+    if name == "llama-3.1":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tokenization.tokenize(_dataset(rows), tokenizer_for(name), None)
+        return
+    with pytest.warns(UserWarning, match="leaves the system message out of 2 of 3 examples"):
+        tokenization.tokenize(_dataset(rows), tokenizer_for(name), None)
+
+
 def test_a_conversation_that_opens_with_the_assistant_trains_only_replies():
     greeting = {"role": "assistant", "content": "Hello! Which date shall I convert?"}
     for name in ("qwen2.5", "llama-3.1", "smollm2"):

@@ -29,8 +29,9 @@ SHOWN_FAILURES = 3  # origins listed when a few examples fail
 def encode(row: dict, tokenizer, train_on_prompt: bool = False, shape: templates.Shape | None = None) -> dict:
     """Render one normal-form row and tokenize it.
 
-    Returns the rendered `text`, `input_ids`, `labels` (-100 where not trained), `offsets` and
-    `problem` ('' or why the trained tokens are not what they should be). Chat rows are trained
+    Returns the rendered `text`, `input_ids`, `labels` (-100 where not trained), `offsets`,
+    `problem` ('' or why the trained tokens are not what they should be) and `system_lost` (the
+    row's system message is not in the rendered text: the template left it out). Chat rows are trained
     on the assistant replies (of the completion, for prompt/completion rows), each with the
     marker that ends its turn; see finetune.data.masks.
     """
@@ -45,6 +46,7 @@ def encode(row: dict, tokenizer, train_on_prompt: bool = False, shape: templates
             "labels": list(ids),
             "offsets": encoded["offset_mapping"],
             "problem": "",
+            "system_lost": False,
         }
     if tokenizer.chat_template is None:
         raise UserError(
@@ -73,7 +75,17 @@ def encode(row: dict, tokenizer, train_on_prompt: bool = False, shape: templates
     if not train_on_prompt:
         prompts = [m["content"] for m in convo if m["role"] in ("system", "user", "tool")]
         problem = masks.check(text, offsets, labels, [convo[i] for i in trained], prompts)
-    return {"text": text, "input_ids": ids, "labels": labels, "offsets": offsets, "problem": problem}
+    # Mistral's templates place the system message before the *last* user turn only, and a training
+    # example ends with a reply: the model would train without the instructions it is given.
+    lost = any(m["role"] == "system" and m["content"].strip() and m["content"] not in text for m in convo)
+    return {
+        "text": text,
+        "input_ids": ids,
+        "labels": labels,
+        "offsets": offsets,
+        "problem": problem,
+        "system_lost": lost,
+    }
 
 
 def _text_message(message: dict) -> dict:
@@ -101,6 +113,7 @@ def _encode_row(row: dict, index: int, tokenizer, train_on_prompt: bool, shape) 
         "n_trained": trained,
         "problem": problem,
         "origin": origin,
+        "system_lost": out["system_lost"],
     }
 
 
@@ -124,6 +137,14 @@ def tokenize(dataset, tokenizer, data_cfg: DataConfig):
         )
     except _BadRow as bad:
         raise UserError(f"{bad.origin}: {bad.problem}") from None
+    lost = sum(tokens["system_lost"])
+    if lost:
+        warn(
+            f"data: {templates.describe(data_cfg, tokenizer)} leaves the system message out of {lost} of "
+            f"{len(tokens)} examples (it renders it only before a final user turn), so they train without it. "
+            "To keep it, move it into the first user message, or set data.chat_template=chatml (or a .jinja file)."
+        )
+    tokens = tokens.remove_columns("system_lost")
     failed = tokens.filter(lambda p: p != "", input_columns="problem", desc="Checking masks")
     if len(failed):
         where = templates.describe(data_cfg, tokenizer)
