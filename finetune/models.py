@@ -124,8 +124,19 @@ def _prequantized(path: str, cfg: Config):
 
 
 def _dequantized_copy(path: str, cfg: Config) -> str:
-    """A bf16 safetensors copy of an MXFP4 checkpoint (once, in the cache), for bitsandbytes to load."""
-    from transformers import AutoModelForCausalLM
+    """A bf16 safetensors copy of an MXFP4 checkpoint (once, in the cache), for bitsandbytes to load.
+
+    Converted tensor by tensor from the checkpoint's files, never as a loaded model: every MXFP4
+    stack (`<name>_blocks` + `<name>_scales`) is decoded by transformers' own routine into its own
+    file, the other tensors are copied shard by shard, so the conversion holds one shard or one
+    decoded stack at a time (gpt-oss-20b: a few GiB, where loading the whole model in bf16 to save it
+    took 40 GiB)."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     # a local folder by where it is, not how it was named: ./gpt-oss from two directories is two models
     local = Path(path).expanduser()
@@ -134,14 +145,61 @@ def _dequantized_copy(path: str, cfg: Config) -> str:
     if (target / "config.json").is_file():
         return str(target)
     print(f"Dequantizing the MXFP4 experts of {path} to bf16 in {target} (once; later runs load it directly)")
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype="bfloat16",
-        quantization_config=_prequantized(path, cfg),
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    _cache_aside(target, model, load_processor(path, cfg.model))
+    source = local if local.is_dir() else _snapshot(path)
+    shards = sorted(source.glob("*.safetensors"))
+    where = {}  # tensor name -> the shard holding it (a stack's blocks and scales may be apart)
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            where.update(dict.fromkeys(f.keys(), shard))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    weight_map, total = {}, 0
+
+    def write(tensors: dict, name: str) -> None:
+        nonlocal total
+        save_file(tensors, str(partial / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    try:
+        for i, shard in enumerate(shards):
+            plain = {}
+            with safe_open(str(shard), "pt") as f:
+                for name in f.keys():
+                    stack = name.removesuffix("_blocks")
+                    if name.endswith("_blocks") and f"{stack}_scales" in where:
+                        with safe_open(str(where[f"{stack}_scales"]), "pt") as g:
+                            scales = g.get_tensor(f"{stack}_scales")
+                        decoded = convert_moe_packed_tensors(f.get_tensor(name), scales, dtype=torch.bfloat16)
+                        write({stack: decoded}, f"experts-{len(weight_map):05d}.safetensors")
+                    elif not (name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" in where):
+                        plain[name] = f.get_tensor(name)
+            if plain:
+                write(plain, f"model-{i + 1:05d}.safetensors")
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for extra in source.iterdir():  # config, tokenizer, chat template, generation config
+            if (
+                extra.is_file()
+                and extra.suffix != ".safetensors"
+                and extra.name != "model.safetensors.index.json"
+            ):
+                shutil.copy2(extra, partial / extra.name)
+        config = json.loads((partial / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return str(target)
+
+
+def _snapshot(repo: str) -> Path:
+    """The hub checkpoint's files on this machine (downloaded once into the hub cache)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+    return Path(snapshot_download(repo, allow_patterns=patterns))
 
 
 def _has_fused_experts(path: str, cfg: Config) -> bool:

@@ -381,7 +381,11 @@ def test_mxfp4_checkpoint_is_dequantized_once_then_nf4(moe, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert models._dequantized_copy("mxfp4", cfg) == copy  # a local folder is cached by where it is
     assert capsys.readouterr().out.count("Dequantizing the MXFP4 experts") == 1
-    dequantized = load_file(str(Path(copy) / "model.safetensors"))
+    dequantized = {
+        k: v for f in sorted(Path(copy).glob("*.safetensors")) for k, v in load_file(str(f)).items()
+    }
+    assert not any(k.endswith(("_blocks", "_scales")) for k in dequantized)  # one file per decoded stack
+    assert "quantization_config" not in json.loads((Path(copy) / "config.json").read_text())
     for key, v in values.items():  # transformers' CPU dequantization reads the bytes as we wrote them
         assert dequantized[key].dtype == torch.bfloat16 and torch.equal(dequantized[key].float(), v), key
 
