@@ -214,3 +214,80 @@ def default_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("default")
     return pipeline.run(compose([f"output_dir={out}", "run_name=default"])).run_dir
+
+
+# ---- tokenizers with real chat templates (tests/test_data_templates.py, tests/test_data.py)
+
+TEMPLATES = Path(__file__).parent / "data" / "templates"  # real chat templates, sources in SOURCES.md
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_SPECIALS = [*CHATML_SPECIALS, "<tool_call>", "</tool_call>", "<think>", "</think>"]
+MISTRAL_SPECIALS = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]  # fmt: skip
+# name -> (special tokens, bos, eos): the tokens each model's tokenizer has for its template
+TEMPLATE_MODELS = {
+    "llama-3.1": (
+        [
+            "<|begin_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|python_tag|>",
+        ],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),  # fmt: skip
+    "qwen2.5": (QWEN_SPECIALS[:5], None, "<|im_end|>"),
+    "qwen3-release": (QWEN_SPECIALS, None, "<|im_end|>"),
+    "qwen3-current": (QWEN_SPECIALS, None, "<|im_end|>"),
+    "mistral-v0.3": (MISTRAL_SPECIALS, "<s>", "</s>"),
+    "mistral-nemo": (MISTRAL_SPECIALS, "<s>", "</s>"),
+    "gemma-2": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>"),
+    "phi-3": (["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|endoftext|>"),
+    "phi-4": (["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"], None, "<|im_end|>"),
+    "phi-4-release": (["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"], None, "<|im_end|>"),
+    "deepseek-r1-distill": (
+        [
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "<think>",
+            "</think>",
+        ],
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    ),  # fmt: skip
+    "gpt-oss": (
+        [
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<|start|>",
+            "<|end|>",
+            "<|message|>",
+            "<|channel|>",
+            "<|return|>",
+            "<|call|>",
+            "<|constrain|>",
+        ],
+        "<|startoftext|>",
+        "<|return|>",
+    ),  # fmt: skip
+    "smollm2": (CHATML_SPECIALS, None, "<|im_end|>"),
+    "zephyr": (
+        ["<unk>", "<s>", "</s>"],
+        "<s>",
+        "</s>",
+    ),  # <|user|> etc. are plain text in zephyr's vocabulary
+}
+
+
+def tokenizer_for(name: str, template: str | None = None):
+    """A small BPE tokenizer with the special tokens of model `name` and its real chat template."""
+    specials, bos, eos = TEMPLATE_MODELS[name]
+    words = [
+        "Convert to ISO date: May 1, 2001 2001-05-01 Answer with the date only. user assistant system"
+    ] * 5
+    tokens = {"eos_token": eos, "pad_token": specials[0], **({"bos_token": bos} if bos else {})}
+    tokenizer = bpe_tokenizer(words, specials, 300, **tokens)
+    tokenizer.chat_template = template or (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    return tokenizer

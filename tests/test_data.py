@@ -293,7 +293,7 @@ def test_rows_with_nothing_to_train_on_are_dropped_and_counted(tmp_path, capsys)
 
 
 def test_tool_calling_files_openai_and_sharegpt(tmp_path, tiny_model):
-    from test_data_templates import tokenizer_for
+    from conftest import tokenizer_for
 
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
     openai = {

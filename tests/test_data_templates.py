@@ -5,75 +5,13 @@ template that mis-marks replies."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import bpe_tokenizer
+from conftest import TEMPLATE_MODELS as MODELS
+from conftest import tokenizer_for
 
 from finetune import UserError
 from finetune.data import masks, templates, tokenization
 
-TEMPLATES = Path(__file__).parent / "data" / "templates"
-CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN_SPECIALS = [*CHATML_SPECIALS, "<tool_call>", "</tool_call>", "<think>", "</think>"]
-MISTRAL_SPECIALS = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]  # fmt: skip
-# name -> (special tokens, bos, eos): the tokens each model's tokenizer has for its template
-MODELS = {
-    "llama-3.1": (
-        [
-            "<|begin_of_text|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eot_id|>",
-            "<|eom_id|>",
-            "<|python_tag|>",
-        ],
-        "<|begin_of_text|>",
-        "<|eot_id|>",
-    ),  # fmt: skip
-    "qwen2.5": (QWEN_SPECIALS[:5], None, "<|im_end|>"),
-    "qwen3-release": (QWEN_SPECIALS, None, "<|im_end|>"),
-    "qwen3-current": (QWEN_SPECIALS, None, "<|im_end|>"),
-    "mistral-v0.3": (MISTRAL_SPECIALS, "<s>", "</s>"),
-    "mistral-nemo": (MISTRAL_SPECIALS, "<s>", "</s>"),
-    "gemma-2": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>"),
-    "phi-3": (["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|endoftext|>"),
-    "phi-4": (["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"], None, "<|im_end|>"),
-    "phi-4-release": (["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"], None, "<|im_end|>"),
-    "deepseek-r1-distill": (
-        [
-            "<｜begin▁of▁sentence｜>",
-            "<｜end▁of▁sentence｜>",
-            "<｜User｜>",
-            "<｜Assistant｜>",
-            "<think>",
-            "</think>",
-        ],
-        "<｜begin▁of▁sentence｜>",
-        "<｜end▁of▁sentence｜>",
-    ),  # fmt: skip
-    "gpt-oss": (
-        [
-            "<|startoftext|>",
-            "<|endoftext|>",
-            "<|start|>",
-            "<|end|>",
-            "<|message|>",
-            "<|channel|>",
-            "<|return|>",
-            "<|call|>",
-            "<|constrain|>",
-        ],
-        "<|startoftext|>",
-        "<|return|>",
-    ),  # fmt: skip
-    "smollm2": (CHATML_SPECIALS, None, "<|im_end|>"),
-    "zephyr": (
-        ["<unk>", "<s>", "</s>"],
-        "<s>",
-        "</s>",
-    ),  # <|user|> etc. are plain text in zephyr's vocabulary
-}
 # What each template writes between the assistant header and the reply text, and after it, for
 # the last reply and for earlier ones: the model writes these, so they are trained.
 LAST = {"qwen3-release": "<think>\n\n</think>\n\n", "qwen3-current": "<think>\n\n</think>\n\n", "gpt-oss": "<|channel|>final<|message|>"}  # fmt: skip
@@ -101,17 +39,6 @@ CASES = {
     "system": [SYSTEM, Q1, A1, Q2, A2],
     "reasoning": [Q1, {**A1, "reasoning": "May is the fifth month."}, Q2, R2],
 }
-
-
-def tokenizer_for(name: str, template: str | None = None):
-    specials, bos, eos = MODELS[name]
-    words = [
-        "Convert to ISO date: May 1, 2001 2001-05-01 Answer with the date only. user assistant system"
-    ] * 5
-    tokens = {"eos_token": eos, "pad_token": specials[0], **({"bos_token": bos} if bos else {})}
-    tokenizer = bpe_tokenizer(words, specials, 300, **tokens)
-    tokenizer.chat_template = template or (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
-    return tokenizer
 
 
 def trained(tokenizer, row: dict) -> tuple[list[str], str]:
