@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import UserError, checkpoints
+from finetune import UserError, checkpoints, launch
 from finetune.schema import Config
 
 # Keys that change how long the run goes on or what it records, never what it computes: the data
@@ -54,8 +54,6 @@ def exit_code(signum: int) -> int:
 
 
 def resume_command(run_dir: Path) -> str:
-    from finetune import launch
-
     return f"{launch.command()} resume={run_dir}"  # torchrun for a run torchrun started (#13)
 
 
@@ -88,8 +86,6 @@ class Signals:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        from finetune import launch
-
         now = time.monotonic()
         if self._first is not None and now - self._first < AGENT_ECHO_SECONDS and launch.under_agent():
             return  # the agent passing on the signal that reached this process already
@@ -114,8 +110,6 @@ class Signals:
     def agree(self) -> int | None:
         """The signal the loop stops for: the one any rank got (all ranks call this at the same
         point: a step end, an evaluation). One process: the one it got."""
-        from finetune import launch
-
         if self.signum is None:
             agreed = launch.agree_max(self.received or 0)  # SIGTERM (15) wins over SIGINT (2)
             if agreed:
@@ -126,8 +120,6 @@ class Signals:
 
     def stopped(self, state: Any) -> None:
         """After the loop stopped for a signal: the resume line (rank 0), then exit 128 + the signal."""
-        from finetune import launch
-
         if launch.is_main():
             print(
                 f"finetune: stopped at step {state.global_step} of {state.max_steps}; checkpoint saved. "
@@ -141,8 +133,6 @@ class Signals:
         """Stopped at once: say what is kept. A new run's folder without a checkpoint is removed,
         so it neither blocks the run name nor looks like a run. Rank 0 alone speaks and removes."""
         import shutil
-
-        from finetune import launch
 
         if not launch.is_main():
             raise SystemExit(exit_code(err.signum)) from None
@@ -186,8 +176,6 @@ def callbacks(signals: Signals, cfg: Config, run_dir: Path, has_eval: bool) -> l
         def on_train_end(self, args, state, control, **kwargs):
             signals.graceful = False
             if signals.signum is None:
-                from finetune import launch
-
                 late = launch.agree_max(signals.received or 0)
                 if late:  # came after the last step's end: no step is left to save, stop at once
                     raise Interrupted(late)
@@ -207,8 +195,6 @@ def callbacks(signals: Signals, cfg: Config, run_dir: Path, has_eval: bool) -> l
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.save_every:
-                from finetune import launch
-
                 due = time.monotonic() - self.last_save >= self.save_every
                 if launch.agree_max(int(due)):  # each rank has its own clock: all save when one is due
                     control.should_save = True

@@ -105,7 +105,7 @@ def per_device(arch: dict, s: Settings, layout: Layout = Layout()) -> DeviceEsti
     """Peak memory per GPU for ``arch`` under settings ``s`` spread as ``layout``."""
     if layout.strategy not in STRATEGIES:
         raise ValueError(f"Layout.strategy={layout.strategy!r} is not one of {STRATEGIES}")
-    base = single_device(arch, s)
+    base, a = single_device(arch, s), describe(arch)
     n = max(layout.world, 1)
     if layout.strategy == "none" or (layout.strategy == "ddp" and n == 1):
         return DeviceEstimate(**{f.name: getattr(base, f.name) for f in fields(Estimate)}, world_size=1)
@@ -137,12 +137,12 @@ def per_device(arch: dict, s: Settings, layout: Layout = Layout()) -> DeviceEsti
     elif layout.strategy == "zero2":
         comm = 2 * ZERO2_BUCKET * DTYPE_BYTES[s.dtype]
     else:  # zero3: reduce and prefetch buckets of hidden^2 elements
-        comm = 2 * describe(arch).hidden ** 2 * DTYPE_BYTES[s.dtype]
+        comm = 2 * a.hidden**2 * DTYPE_BYTES[s.dtype]
 
     p_div = n if shard_params else 1
     g_div = 1 if layout.strategy == "ddp" else n
     # quantized experts (finetune.experts) are buffers: replicated on every GPU, never offloaded
-    kept = tensors.expert_storage_bytes(describe(arch), s) if tensors.twinned(describe(arch), s) else 0.0
+    kept = tensors.expert_storage_bytes(a, s) if tensors.twinned(a, s) else 0.0
     weights -= kept
     gpu_weights = kept + (0.0 if layout.offload_params else weights / p_div)
     gpu_adapter = 0.0 if layout.offload_params else adapter / p_div
