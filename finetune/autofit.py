@@ -291,7 +291,9 @@ def _resolve_attention(cfg: Config, arch: dict) -> tuple[str, str, str] | None:
         if cfg.model.attn_implementation not in supported:
             raise UserError(
                 f"model.attn_implementation={cfg.model.attn_implementation}: this model class "
-                f"({memory.describe(arch).model_type}) supports {', '.join(supported)}. Use one of them, or auto."
+                f"({memory.describe(arch).model_type}) supports {', '.join(supported)}"
+                + (" (FlashAttention-2 has no attention sinks)" if memory.describe(arch).sinks else "")
+                + ". Use one of them, or auto."
             )
         return None
     cfg.model.attn_implementation = attention(cfg, arch)
@@ -299,6 +301,8 @@ def _resolve_attention(cfg: Config, arch: dict) -> tuple[str, str, str] | None:
         why = "the GPU supports FlashAttention-2 and flash-attn is installed"
     elif cfg.model.attn_implementation == "eager":
         why = "the model class has no SDPA kernel"
+    elif memory.describe(arch).sinks:
+        why = "PyTorch SDPA with finetune's attention sinks (FlashAttention-2 has none; transformers runs them eagerly)"
     elif cfg.hw.flash_attention and hardware.has_flash_attn():
         why = "PyTorch SDPA: the model class has no FlashAttention-2"
     elif cfg.hw.flash_attention:

@@ -212,6 +212,8 @@ def load_model(path: str, cfg: Config, dtype):
     """The base model in `dtype`, quantized by bitsandbytes when quant.load_in asks for it."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
+    from finetune import attention, source
+
     quantization = _prequantized(path, cfg)
     if quantization is not None and cfg.quant.load_in != "none":
         path, quantization = _dequantized_copy(path, cfg), None
@@ -235,7 +237,9 @@ def load_model(path: str, cfg: Config, dtype):
         model = auto.from_pretrained(
             path,
             dtype=dtype,
-            attn_implementation=cfg.model.attn_implementation,
+            attn_implementation=attention.implementation(
+                cfg.model.attn_implementation, source.architecture(cfg.model)
+            ),
             quantization_config=quantization,
             trust_remote_code=cfg.model.trust_remote_code,
             **({"device_map": "cpu"} if moe_via_host else {}),

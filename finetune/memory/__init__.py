@@ -86,6 +86,10 @@ def dims(arch: dict) -> dict:
 def attention_implementations(arch: dict) -> list[str]:
     """The attention kernels the model class supports (eager always): for attn_implementation=auto."""
     r = describe(arch)
+    if (
+        r.sinks
+    ):  # finetune.attention's SDPA; FlashAttention-2 would drop the sinks (FA3/FA4 kernels take them)
+        return ["eager", "sdpa", *(k for k in r.attn_kernels if k != "flash_attention_2")]
     return ["eager", *(["sdpa"] if r.sdpa_supported else [])] + list(r.attn_kernels)
 
 

@@ -43,8 +43,9 @@ def phases(a: Arch, s: Settings) -> dict[str, float]:
     rb = unquantized_bytes(s)  # residual stream: it starts at the embedding, in the weights' dtype
     full = s.lora_r is None
     adapted_names = {x[0] for x in adapted(a, s)}
-    eager = s.attn == "eager" or (s.attn == "sdpa" and not a.sdpa_supported)
-    masked = a.encoder or eager or (s.attn == "sdpa" and B > 1 and not s.packed)
+    eager = s.attn == "eager" or (s.attn == "sdpa" and not (a.sdpa_supported or a.sinks))
+    # gpt-oss's sliding-window layers build a boolean mask whatever the batch
+    masked = a.encoder or eager or (s.attn == "sdpa" and (B > 1 and not s.packed or a.sinks))
 
     per_layer = [_layer(a, layer, s, adapted_names, eager, masked) for layer in a.layers]
     # bitsandbytes dequantizes a quantized weight to compute dtype for each matmul's backward
@@ -178,7 +179,10 @@ def _layer(a: Arch, L: Layer, s: Settings, names: set[str], eager: bool, masked:
         }
 
     q, kv, nh = L.q_dim, L.kv_dim, a.heads
-    repeat_kv = eager or (s.attn == "sdpa" and masked and kv < q)  # SDPA's GQA path needs no mask
+    sink_sdpa = L.sinks and s.attn == "sdpa"  # finetune.attention: keys shared explicitly, head dim padded
+    repeat_kv = (
+        eager or sink_sdpa or (s.attn == "sdpa" and masked and kv < q)
+    )  # SDPA's GQA path needs no mask
     kv_saved = q if repeat_kv else kv
 
     # ---- attention block of one layer, bytes per token
@@ -205,6 +209,10 @@ def _layer(a: Arch, L: Layer, s: Settings, names: set[str], eager: bool, masked:
     else:
         attn += c * q + 4 * nh  # attention output + logsumexp
         attn_bwd = c * (2 * q + 2 * kv_saved)  # gradients of q, k, v and of the output
+        if sink_sdpa:  # q, k, v and the output padded by the sink channel; the layer's mask + sink column
+            pad = nh * (-(-(a.head_dim + 1) // 8) * 8) - q
+            attn += c * 4 * pad + c * (-(-(S + 1) // 16) * 16)
+            attn_bwd += c * 4 * pad
     attn += inputs_saved(mid, L.o)
     if a.hidden_dropout > 0:
         attn += h  # residual dropout mask (1 byte)

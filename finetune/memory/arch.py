@@ -134,6 +134,11 @@ class Arch:
     def n_layers(self) -> int:
         return sum(layer.count for layer in self.layers)
 
+    @property
+    def sinks(self) -> bool:
+        """Attention with sinks (gpt-oss): SDPA through finetune.attention, whatever the class says."""
+        return any(layer.sinks for layer in self.layers)
+
 
 _described: dict[int, tuple[dict, Arch]] = {}
 
