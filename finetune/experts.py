@@ -10,8 +10,11 @@ is swapped for a twin that
   ``quantize_4bit`` per expert, or 8-bit blockwise), or 16-bit under ``quant=none``;
 * dequantizes one expert's matrix at a time inside an autograd function that keeps nothing for
   backward and dequantizes again there, so the 16-bit copy lives for one matmul only;
+* keeps only the gate_up output of each (token, expert) pair for the gate's backward, recomputing the
+  activation's elementwise steps there;
 * adds LoRA on the activations, ``x @ A_e^T @ B_e^T * alpha/r`` per expert (A: [E, r, in],
-  B: [E, out, r]), never a merged weight.
+  B: [E, out, r]), never a merged weight; the first A reads the layer's shared input, kept once;
+* scatters the routed outputs back without keeping them (torch's index_add_ would).
 
 The adapters are not PEFT modules (PEFT freezes what it did not create, and saves only its own
 layers): ``attach`` turns them back on after the trainer wrapped the model, ``save_adapters`` writes
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from finetune.memory.tensors import EXPERT_KINDS, expert_kinds
 
@@ -61,6 +65,47 @@ class _DequantMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad @ ctx.store.weight(ctx.kind, ctx.e, grad.dtype), None, None, None
+
+
+class _ScatterAdd(torch.autograd.Function):
+    """out[tok] += y, in place. torch's index_add_ keeps y for its backward (it needs only y's shape):
+    one hidden-sized copy per (token, expert) pair; this keeps the token indices alone."""
+
+    @staticmethod
+    def forward(ctx, out, tok, y):
+        ctx.save_for_backward(tok)
+        ctx.mark_dirty(out)
+        return out.index_add_(0, tok, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tok,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, tok)
+
+
+class _GatheredLoraA(torch.autograd.Function):
+    """source[tok] @ A^T, for the LoRA A of an expert's first matmul. Backward gathers the rows again
+    from ``source``, the layer's input that every expert shares, so that input is kept once instead of
+    one hidden-sized copy of it per (token, expert) pair. Computed in the autocast dtype when on."""
+
+    @staticmethod
+    def forward(ctx, source, tok, a):
+        device = source.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        ctx.save_for_backward(source, tok, a)
+        ctx.dtype = dtype
+        return source[tok].to(dtype) @ a.to(dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        source, tok, a = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        grad_source = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_source = torch.zeros_like(source).index_add_(0, tok, (grad @ a.to(ctx.dtype)).to(source.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_a = (grad.t() @ source[tok].to(ctx.dtype)).to(a.dtype)
+        return grad_source, None, grad_a
 
 
 class QuantizedExperts(nn.Module):
@@ -178,14 +223,16 @@ class QuantizedExperts(nn.Module):
                 nn.Parameter(torch.zeros(self.num_experts, out_f, r, device=device, dtype=dtype)),
             )
 
-    def _project(self, kind: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, kind: str, e: int, x: torch.Tensor, rows=None) -> torch.Tensor:
+        """x @ W_e^T (+ bias, + LoRA); ``rows`` = (source, tok) when x is source[tok]."""
         y = _DequantMatmul.apply(x, self, kind, e)
         bias = self._parameters.get(kind + "_bias")
         if bias is not None:
             y = y + bias[e]
         if kind in self.adapted:
             a, b = getattr(self, f"{kind}_lora_A")[e], getattr(self, f"{kind}_lora_B")[e]
-            y = y + ((x.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype) * self.scale
+            xa = _GatheredLoraA.apply(*rows, a) if rows is not None else x.to(a.dtype) @ a.t()
+            y = y + (xa @ b.t()).to(y.dtype) * self.scale
         return y
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -204,9 +251,15 @@ class QuantizedExperts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, tok = torch.where(mask[e])
-            h = self._apply_gate(self._project("gate_up_proj", e, hidden_states[tok]))
+            gate_up = self._project("gate_up_proj", e, hidden_states[tok], rows=(hidden_states, tok))
+            if gate_up.requires_grad:
+                # the gate's elementwise intermediates (gpt-oss: clamps, sigmoid, products, four
+                # expert widths a token) are rebuilt from gate_up in backward instead of kept
+                h = checkpoint(self._apply_gate, gate_up, use_reentrant=False, preserve_rng_state=False)
+            else:
+                h = self._apply_gate(gate_up)
             y = self._project("down_proj", e, h) * top_k_weights[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+            out = _ScatterAdd.apply(out, tok, y.to(out.dtype))
         return out
 
     def extra_repr(self) -> str:

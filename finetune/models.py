@@ -289,6 +289,13 @@ def _experts(model, cfg: Config, dtype, device) -> None:
         torch.nn.Module.to(model, device)  # what is left: embeddings, final norm, LM head
     if swapped and kinds:
         experts.add_adapters(model, targets(cfg.lora), cfg.lora.r, cfg.lora.alpha, dtype)
+        if cfg.lora.dropout:
+            from finetune import warn
+
+            warn(
+                f"lora.dropout={cfg.lora.dropout} applies to the attention and other Linear adapters only: the "
+                "per-expert adapters on the quantized expert stacks train without dropout (as PEFT's on 16-bit ones)."
+            )
 
 
 def peft_config(cfg: Config, vision: bool = False):

@@ -108,6 +108,44 @@ def test_expert_storage_is_quantized_and_estimated(moe, tmp_path, quant, ceiling
     assert memory.tensors.expert_storage_bytes(a, s) == pytest.approx(stored, rel=0.01)
 
 
+@pytest.mark.parametrize("moe", ["mixtral", "gpt_oss"], indirect=True)
+def test_expert_activations_are_what_the_estimator_counts(moe, tmp_path):
+    """What one quantized, adapted experts module keeps for backward, against the estimator's
+    (token, expert) pair accounting: gate_up output only (the gate is recomputed), both LoRA inputs,
+    both A outputs and the routed output."""
+    from finetune.memory import activations
+    from finetune.memory.tensors import adapted
+
+    arch, folder = moe
+    cfg = _cfg(folder, tmp_path, "quant=4bit")
+    model = models.load_model(str(folder), cfg, torch.float32)
+    twin = experts.twins(model)[0][1]
+    E, t = twin.num_experts, 64
+    top_k = FAMILIES[arch]["num_experts_per_tok"]
+    hidden = torch.randn(t, twin.shapes["down_proj"][0], requires_grad=True)
+    index = torch.stack([torch.randperm(E)[:top_k] for _ in range(t)])  # k distinct experts a token
+    weights = torch.rand(t, top_k, requires_grad=True)
+    weights_kept = {x.untyped_storage().data_ptr() for x in [*twin.buffers(), *twin.parameters()]}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = twin(hidden, index, weights)
+    # activations only (adapter slices and quantized storage are weights), each tensor once
+    kept = {
+        x.data_ptr(): x.numel() * x.element_size()
+        for x in saved
+        if x.untyped_storage().data_ptr() not in weights_kept and x.is_floating_point()
+    }
+    out.sum().backward()
+    assert hidden.grad.abs().sum() > 0 and weights.grad.abs().sum() > 0
+    a = memory.describe(source.read_config(folder / "config.json"))
+    s = memory.Settings(quant="4bit", lora_r=8, dtype="float32")
+    layer = next(x for x in a.layers if x.experts)
+    names = {x[0] for x in adapted(a, s)}
+    assert names  # all-linear reaches the experts
+    want = activations._experts_saved(a, layer, s, 4, 4, full=False) * t
+    assert 0.8 * want <= sum(kept.values()) <= 1.05 * want, (sum(kept.values()), want)
+
+
 def _sft(model, cfg, tokenizer, out, steps=4):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -247,7 +247,8 @@ def _layer(a: Arch, L: Layer, s: Settings, names: set[str], eager: bool, masked:
 
 
 def _experts_saved(a: Arch, L: Layer, s: Settings, c: int, rb: int, full: bool) -> float:
-    """Eager expert loop over t*k (token, expert) pairs: gate_up output and activation intermediates,
+    """Eager expert loop over t*k (token, expert) pairs: gate_up output and activation intermediates
+    (only gate_up under finetune.experts),
     the expert output kept by the routing-weight multiply, the fp32 router softmax. Frozen experts
     (finetune.experts' dequantizing matmul, or a frozen 16-bit stack) keep no matmul input; trained
     ones keep both inputs, and per-expert LoRA (x @ A then @ B, on the activations) also both A outputs."""
@@ -256,14 +257,19 @@ def _experts_saved(a: Arch, L: Layer, s: Settings, c: int, rb: int, full: bool) 
     h, ffn = a.hidden, L.expert_inter
     lora = expert_lora(a, s)
     train = full or lora
-    per_pair = c * L.expert_saved * ffn + c * h
+    # finetune.experts recomputes the gate from its gate_up input (2 x ffn) in backward
+    per_pair = c * (2 if twinned(a, s) else L.expert_saved) * ffn + c * h
     if train:
         per_pair += c * (h + ffn)  # inputs of both expert matmuls, for the weight / A gradients
+    shared_in = 0
+    if lora and twinned(a, s):  # finetune.experts' first A reads the layer input, kept once a token
+        per_pair -= c * h
+        shared_in = rb * h
     if lora and twinned(a, s):  # x @ A outputs of both stacks, kept by the B matmuls
         per_pair += c * 2 * s.lora_r
     # kept for the router weight gradient; finetune.experts' runs leave the router frozen
     router_in = rb * h if full or (lora and not twinned(a, s)) else 0
-    return L.top_k * per_pair + 8 * L.experts + router_in
+    return L.top_k * per_pair + 8 * L.experts + router_in + shared_in
 
 
 def _experts_fixed(a: Arch, L: Layer, s: Settings, rb: int) -> tuple[float, float]:
