@@ -8,17 +8,20 @@ Preference order (documented in the README):
 3. `batch.effective` never changes: micro-batch x accumulation x GPUs stays equal to it.
 4. across GPUs (`dist=auto`): one process when there is one GPU; with several, the first of
    `dist.candidates` (DDP, FSDP2, FSDP2 with CPU offload) that fits each GPU and the host RAM.
+5. host RAM only where nothing fits at a level without it (one process or DDP): the frozen input
+   embedding of a LoRA run, then also the checkpointed layer inputs (`_offload_tiers`).
 Nothing the user pinned is ever changed: only fields whose value is `auto` are filled.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 from finetune import UserError, config_dir, hardware, launch, memory, source, warn
-from finetune.memory import distributed
+from finetune.memory import distributed, tensors
 from finetune.schema import AUTO, FULL_LR, LORA_LR, Config, HardwareConfig, command_line_keys, targets
 
 SAFETY_MARGIN = 0.10
@@ -140,6 +143,9 @@ def settings(cfg: Config, arch: dict, **pick: Any) -> memory.Settings:
         grad_accum=pick["accum"],
         grad_ckpt=pick["ckpt"],
         attn=attention(cfg, arch),
+        # GPU memory only: on a CPU the host is the device
+        offload_embedding=bool(pick.get("embed")) and cfg.hw.num_gpus > 0,
+        offload_activations=bool(pick.get("offload_acts")) and cfg.hw.num_gpus > 0,
         dtype=hardware.precision(cfg).weights,
         loss_impl="fused",  # TRL's SFTTrainer computes the loss in chunks: the full logits never exist
     )
@@ -200,6 +206,7 @@ def _search(cfg: Config, arch: dict, budget: float, world: int | None = None):
     else:
         sizes = [n for n in BATCH_SIZES if b.effective % (n * gpus) == 0] or [1]
     rank = cfg.lora.r if _pinned(cfg.lora.r) else LORA_RANK
+    tiers = _offload_tiers(cfg, arch, rank)
     smallest = None
     for quant in quants:
         for optim in optims:
@@ -210,31 +217,54 @@ def _search(cfg: Config, arch: dict, budget: float, world: int | None = None):
                     and layout.strategy not in ("none", "ddp")
                 ):
                     continue  # bitsandbytes' states over FSDP2's DTensor shards are untested; DeepSpeed has its own
-                fitting = []
-                for ckpt in ckpts:
-                    for size in sizes:
-                        # no effective batch means both are pinned (validate)
-                        accum = b.grad_accum if b.effective is None else b.effective // (size * gpus)
-                        pick = {
-                            "quant": quant,
-                            "optim": optim,
-                            "ckpt": ckpt,
-                            "size": size,
-                            "accum": accum,
-                            "r": rank,
-                            "dist": dist_name,
-                            "dist_keys": dist_keys,
-                        }
-                        s = settings(cfg, arch, **pick)
-                        est = distributed.per_device(arch, s, layout)
-                        if est.total_gib <= budget and (layout.world == 1 or est.host_gib <= host):
-                            fitting.append((tokens_per_second(arch, s, cfg.hw, relative=True), pick, est))
-                        if smallest is None or est.total_gib < smallest[1].total_gib:
-                            smallest = (pick, est)
-                if fitting:
-                    _, pick, est = max(fitting, key=lambda f: f[0])
-                    return pick, est, True
+                for embed, offload_acts in tiers:  # host-memory offloads only when nothing fits without
+                    if (embed or offload_acts) and layout.strategy not in ("none", "ddp"):
+                        continue  # FSDP / DeepSpeed place weights and checkpoint layers themselves
+                    fitting = []
+                    for ckpt in ckpts if not offload_acts else [c for c in ckpts if c]:
+                        for size in sizes:
+                            # no effective batch means both are pinned (validate)
+                            accum = b.grad_accum if b.effective is None else b.effective // (size * gpus)
+                            pick = {
+                                "quant": quant,
+                                "optim": optim,
+                                "ckpt": ckpt,
+                                "size": size,
+                                "accum": accum,
+                                "r": rank,
+                                "dist": dist_name,
+                                "dist_keys": dist_keys,
+                                "embed": embed,
+                                "offload_acts": offload_acts,
+                            }
+                            s = settings(cfg, arch, **pick)
+                            est = distributed.per_device(arch, s, layout)
+                            if est.total_gib <= budget and (layout.world == 1 or est.host_gib <= host):
+                                fitting.append((tokens_per_second(arch, s, cfg.hw, relative=True), pick, est))
+                            if smallest is None or est.total_gib < smallest[1].total_gib:
+                                smallest = (pick, est)
+                    if fitting:
+                        _, pick, est = max(fitting, key=lambda f: f[0])
+                        return pick, est, True
     return smallest[0], smallest[1], False
+
+
+def _offload_tiers(cfg: Config, arch: dict, rank: int) -> list[tuple[bool, bool]]:
+    """(input embedding, activations) in host RAM, cheapest first: the embedding costs a CPU lookup,
+    the activations a copy each way per layer. auto tries them only on a GPU and where allowed."""
+    gpu = cfg.hw.num_gpus > 0
+    emb, acts = cfg.model.offload_embedding, cfg.train.offload_activations
+    probe = settings(cfg, arch, quant="none", r=rank, optim="adamw", size=1, accum=1, ckpt=True)
+    stays = tensors.embedding_stays(memory.describe(arch), probe)
+    if emb is True and stays:
+        raise UserError(
+            f"model.offload_embedding=true: the input embedding must stay on the GPU ({stays}). "
+            "Use model.offload_embedding=false, or auto."
+        )
+    embeds = [emb] if _pinned(emb) else [False, True] if gpu and not stays else [False]
+    ckpt_possible = cfg.train.gradient_checkpointing is not False
+    offloads = [acts] if _pinned(acts) else [False, True] if gpu and ckpt_possible else [False]
+    return sorted(itertools.product(embeds, offloads), key=lambda t: (t[1], t[0]))
 
 
 def _resolve_hw(cfg: Config) -> str:
@@ -328,8 +358,11 @@ def resolve(cfg: Config) -> Plan:
         "size": cfg.batch.size,
         "accum": cfg.batch.grad_accum,
         "r": cfg.lora.r,
+        "embed": cfg.model.offload_embedding,
+        "offload_acts": cfg.train.offload_activations,
     }
     cfg.quant.load_in, cfg.optim.name = pick["quant"], pick["optim"]
+    cfg.model.offload_embedding, cfg.train.offload_activations = pick["embed"], pick["offload_acts"]
     cfg.train.gradient_checkpointing = pick["ckpt"]
     cfg.batch.size, cfg.batch.grad_accum = pick["size"], pick["accum"]
     if cfg.lora.enabled:
@@ -339,7 +372,7 @@ def resolve(cfg: Config) -> Plan:
     dist_row = _resolve_dist(cfg, pick, est, fits)
 
     speed = tokens_per_second(arch, settings(cfg, arch, **pick), cfg.hw)
-    why = _reasons(before, pick, fits)
+    why = _reasons(before, pick, fits, _offloaded_gib(cfg, arch, pick))
     decisions = [("hardware", cfg.hw.name, hw_reason), *why, dist_row, *extra_rows]
     return Plan(
         cfg, decisions, est, budget, fits, memory.count_params(arch).total, active_params(arch), speed, lr_why
@@ -371,7 +404,17 @@ def _resolve_dist(
     )
 
 
-def _reasons(before: dict, pick: dict, fits: bool) -> list[tuple[str, str, str]]:
+def _offloaded_gib(cfg: Config, arch: dict, pick: dict) -> dict[str, float]:
+    """GPU memory each host offload of the pick frees: the estimate without it minus with it."""
+    total = memory.estimate(arch, settings(cfg, arch, **pick)).total_gib
+    return {
+        key: memory.estimate(arch, settings(cfg, arch, **(pick | {key: False}))).total_gib - total
+        for key in ("embed", "offload_acts")
+        if pick[key]
+    }
+
+
+def _reasons(before: dict, pick: dict, fits: bool, freed: dict[str, float]) -> list[tuple[str, str, str]]:
     def why(key: str, auto_reason: str) -> str:
         return auto_reason if before[key] == AUTO else "set by you or a config file: kept as is"
 
@@ -395,6 +438,28 @@ def _reasons(before: dict, pick: dict, fits: bool) -> list[tuple[str, str, str]]
         ),
         ("accumulation", str(pick["accum"]), why("accum", "auto: effective batch / (micro-batch x GPUs)")),
     ]
+    if pick["embed"] or before["embed"] != AUTO:
+        rows.append(
+            (
+                "input embedding",
+                "host RAM" if pick["embed"] else "GPU",
+                why(
+                    "embed",
+                    f"auto: needed to fit; frees {freed.get('embed', 0):.1f} GiB, rows looked up on the CPU",
+                ),
+            )
+        )
+    if pick["offload_acts"] or before["offload_acts"] != AUTO:
+        rows.append(
+            (
+                "activation offload",
+                "on" if pick["offload_acts"] else "off",
+                why(
+                    "offload_acts",
+                    f"auto: needed to fit; checkpointed layer inputs in host RAM free {freed.get('offload_acts', 0):.1f} GiB",
+                ),
+            )
+        )
     if before["r"] == AUTO:
         rows.append(
             ("lora rank", str(pick["r"]), "auto: r16, the usual sweet spot; rank barely moves memory")

@@ -102,7 +102,9 @@ class _GatheredLoraA(torch.autograd.Function):
         grad = grad.to(ctx.dtype)
         grad_source = grad_a = None
         if ctx.needs_input_grad[0]:
-            grad_source = torch.zeros_like(source).index_add_(0, tok, (grad @ a.to(ctx.dtype)).to(source.dtype))
+            grad_source = torch.zeros_like(source).index_add_(
+                0, tok, (grad @ a.to(ctx.dtype)).to(source.dtype)
+            )
         if ctx.needs_input_grad[2]:
             grad_a = (grad.t() @ source[tok].to(ctx.dtype)).to(a.dtype)
         return grad_source, None, grad_a

@@ -267,6 +267,10 @@ def load_model(path: str, cfg: Config, dtype):
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     _experts(model, cfg, dtype, "cuda" if moe_via_host else None)
+    if cfg.model.offload_embedding is True:  # frozen and untied: finetune.autofit allows nothing else
+        from finetune.host_embedding import HostEmbedding
+
+        model.set_input_embeddings(HostEmbedding(model.get_input_embeddings()))
     return model
 
 

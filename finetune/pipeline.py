@@ -167,6 +167,8 @@ def _sft_config(cfg: Config, run_dir: Path, prec: hardware.Precision):
         max_steps=cfg.train.max_steps,
         num_train_epochs=cfg.train.epochs,
         activation_checkpointing=cfg.train.gradient_checkpointing,
+        # train.offload_activations: transformers keeps each checkpointed layer's inputs in host memory
+        activation_checkpointing_kwargs={"offload": True} if cfg.train.offload_activations is True else None,
         bf16=prec.mixed == "bf16",
         fp16=prec.mixed == "fp16",
         use_cpu=cfg.hw.num_gpus == 0,

@@ -31,6 +31,9 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    # auto | true | false: keep the frozen input embedding in host RAM, its rows looked up on the CPU
+    # (LoRA on a GPU, untied embeddings); frees vocab x hidden x 2 bytes of GPU memory. auto: when needed to fit
+    offload_embedding: Any = "auto"
     trust_remote_code: bool = False
     # A catalog model's config.json numbers, for planning offline; `_name_or_path` names the model
     # they describe, and they are used only while model.name_or_path is that model.
@@ -135,6 +138,9 @@ class TrainConfig:
     max_steps: int = -1
     epochs: float = 1.0
     gradient_checkpointing: Any = True  # true | false | auto
+    # auto | true | false: checkpointed layer inputs in pinned host RAM (one copy out in forward, one back
+    # in backward); frees layers x tokens x hidden x 2 bytes of GPU memory. auto: when needed to fit
+    offload_activations: Any = "auto"
     logging_steps: int = 5
     eval_samples: int = 30
     save_steps: Any = "auto"  # checkpoint every N optimizer steps; auto: every 10 minutes; 0: only on Ctrl-C
@@ -567,6 +573,25 @@ def validate(cfg: Config) -> None:
 
     if t.gradient_checkpointing not in (True, False, AUTO):
         e.append(f"train.gradient_checkpointing={t.gradient_checkpointing} must be true, false or auto.")
+    if t.offload_activations not in (True, False, AUTO):
+        e.append(f"train.offload_activations={t.offload_activations} must be true, false or auto.")
+    elif t.offload_activations is True and t.gradient_checkpointing is False:
+        e.append(
+            "train.offload_activations=true offloads the inputs gradient checkpointing keeps: "
+            "set train.gradient_checkpointing=true (or auto), or drop train.offload_activations."
+        )
+    if m.offload_embedding not in (True, False, AUTO):
+        e.append(f"model.offload_embedding={m.offload_embedding} must be true, false or auto.")
+    sharded = cfg.dist.strategy not in (AUTO, "none", "ddp")
+    for key, value in (
+        ("model.offload_embedding", m.offload_embedding),
+        ("train.offload_activations", t.offload_activations),
+    ):
+        if value is True and sharded:
+            e.append(
+                f"{key}=true works with one process or dist=ddp; dist={cfg.dist.strategy} places weights and "
+                f"checkpoints layers itself: drop {key}, or use dist=ddp."
+            )
     if t.max_steps == 0 or t.max_steps < -1:
         e.append(f"train.max_steps={t.max_steps} must be -1 (use train.epochs) or at least 1.")
     if t.epochs <= 0:

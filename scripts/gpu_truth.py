@@ -90,6 +90,30 @@ SHAPES = {
             "attention_dropout": 0.0,
         },
     },
+    # gpt-oss-20b (openai/gpt-oss-20b's config.json) cut to its first two layers, one sliding-window and one
+    # full: every width real (32 experts, 64 heads, sinks, 201k vocabulary), 2.5B parameters
+    "gpt-oss-2l": {
+        "group": "gpt-oss-20b",
+        "config": {
+            "model_type": "gpt_oss",
+            "hidden_size": 2880,
+            "intermediate_size": 2880,
+            "num_hidden_layers": 2,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "num_local_experts": 32,
+            "num_experts_per_tok": 4,
+            "vocab_size": 201088,
+            "sliding_window": 128,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 150000.0,
+            "attention_bias": True,
+        },
+    },
 }
 # --smoke: the same architectures at widths that train in seconds on two CPU cores. The vocabulary
 # stays larger than the tokenizer's, as at real width, so token ids never reach the table's end.
@@ -178,17 +202,32 @@ CASES = [
     Case("8b-lora-int8-ckpt-s1024-b2", "8b", _pinned("8bit", "r16", "adamw", True, 2), 1024, 50, cpu=False),
     Case("1.5b-lora-bf16-nockpt-s1024-b4", "1.5b", _pinned("none", "r16", "adamw", False, 4), 1024, 20),
     Case("autofit-8b-a100-40gb", "8b", (), 1024, 40, emulate="a100-40gb", steps=3),
+    # issue #12's T4 row on a real-width slice of gpt-oss-20b: NF4 experts quantized layer by layer on the
+    # GPU, per-expert LoRA, SDPA with sinks and the two host offloads the T4 plan relies on
     Case(
-        "1.5b-full-adamw8bit-nockpt-s512-b4",
-        "1.5b",
-        _pinned("none", "none", "adamw_8bit", False, 4),
-        512,
-        25,
-        cpu=False,  # the smoke already covers the full fine-tune; two cores cannot afford a second one
+        "gptoss2l-qlora-offload-s1024-b1",
+        "gpt-oss-2l",
+        _pinned(
+            "4bit",
+            "r16",
+            "paged_adamw_8bit",
+            True,
+            1,
+            4,
+            "model.offload_embedding=true",
+            "train.offload_activations=true",
+        ),
+        1024,
+        40,
+        cpu=False,  # the tiny MoE QLoRA runs are tests/test_experts.py's
+        steps=3,
     ),
-    Case("1.5b-lora-bf16-ckpt-s4096-b2", "1.5b", _pinned("none", "r16", "adamw", True, 2), 4096, 25),
 ]
-CHECKPOINT_BUDGET_S = {"1.5b": 15, "8b": 35}  # imports, GPU init, writing bf16 safetensors (3 GB, 16 GB)
+CHECKPOINT_BUDGET_S = {
+    "1.5b": 15,
+    "8b": 35,
+    "gpt-oss-2l": 30,
+}  # imports, GPU init, writing bf16 safetensors (3 GB, 16 GB)
 # What the two-core CI machine can afford (each run costs ~10 s of imports): 4-bit LoRA with
 # checkpointing, a full fine-tune with 8-bit AdamW, and auto-fit, which on a CPU picks plain LoRA
 # without checkpointing, so every code path of the matrix but GaLore 8-bit and LLM.int8 runs.

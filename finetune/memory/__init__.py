@@ -143,6 +143,10 @@ def check(s: Settings, a: Arch) -> None:
                 f"Settings.modules_to_save: {name!r} is not modelled; use some of {sorted(whole)}"
             )
     tensors.adapted(a, s)  # named LoRA targets must exist
+    if s.offload_embedding and tensors.embedding_stays(a, s):
+        raise ValueError(
+            f"Settings.offload_embedding: the input embedding stays on the GPU, {tensors.embedding_stays(a, s)}"
+        )
 
 
 def estimate(arch: dict, s: Settings = Settings(), task: str = "causal-lm") -> Estimate:  # noqa: B008

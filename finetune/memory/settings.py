@@ -69,6 +69,7 @@ class Settings:
     loss_impl: str = "full"
     opt_in_backward: bool = False  # optimizer step inside backward hooks: one gradient alive at a time
     offload_activations: bool = False  # checkpointed layer inputs kept in host memory
+    offload_embedding: bool = False  # the frozen, untied input embedding kept in host memory
     image_patches: int = 0  # VLMs: vision-tower patches per sample (before the 2x2 merge)
 
 

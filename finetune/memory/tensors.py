@@ -239,8 +239,22 @@ def trainables(a: Arch, s: Settings) -> list[Tensor]:
     return out
 
 
+def embedding_stays(a: Arch, s: Settings) -> str:
+    """Why the input embedding must stay on the GPU ('' when finetune.models may keep it in host
+    memory): it is trained, or shared with the LM head, which runs on the GPU."""
+    if a.tied:
+        return "it is tied to the LM head"
+    if s.lora_r is None:
+        return "a full fine-tune trains it"
+    names = {m.leaf for m in a.modules if m.kind == "embedding"}
+    if names & (set(s.modules_to_save) | {x[0].rpartition(".")[2] for x in adapted(a, s)}):
+        return "LoRA or modules_to_save trains it"
+    return ""
+
+
 def weights_bytes(a: Arch, s: Settings) -> float:
     ub = unquantized_bytes(s)
+    host = a.vocab * a.hidden * ub if s.offload_embedding else 0  # memory.check: only when allowed
     total, linear_params = 0.0, 0
     for lin in a.modules:
         if quantized(s, lin):
@@ -251,7 +265,7 @@ def weights_bytes(a: Arch, s: Settings) -> float:
     if twinned(a, s):  # the fused experts in finetune.experts' storage instead of the weights' dtype
         linear_params += sum(i * o * e * n for _k, i, o, e, n in expert_stacks(a))
         total += expert_storage_bytes(a, s)
-    return total + (a.params.total - linear_params) * ub
+    return total + (a.params.total - linear_params) * ub - host
 
 
 def state_bytes(s: Settings, t: Tensor) -> float:
