@@ -49,4 +49,5 @@ bench: ## the benchmarks recorded in BENCHMARKS.md
 	$(PY) scripts/bench_startup.py
 	$(PY) scripts/bench_default_job.py
 	$(PY) scripts/bench_packing.py
+	$(PY) scripts/bench_moe_layers.py
 	$(PY) scripts/calibrate.py
