@@ -29,6 +29,35 @@ def _no_nvidia_driver() -> bool:
     return shutil.which("nvidia-smi") is None and not Path("/dev/nvidiactl").exists()
 
 
+def driver_free_gib(visible: str | None = None) -> list[float] | None:
+    """Free memory of each visible GPU as the driver reports it before this process opens a CUDA
+    context (nvidia-smi), so that the plan, which adds the context itself, does not count it twice;
+    None where nvidia-smi cannot say which GPUs torch sees (UUIDs in CUDA_VISIBLE_DEVICES, MIG)."""
+    import os
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.free,mig.mode.current", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [[x.strip() for x in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+    if not rows or any(len(r) != 2 or not r[0].isdigit() or r[1] == "Enabled" for r in rows):
+        return None
+    if visible not in (None, ""):
+        picked = [x.strip() for x in visible.split(",")]
+        if not all(x.isdigit() and int(x) < len(rows) for x in picked):
+            return None
+        rows = [rows[int(x)] for x in picked]
+    return [int(r[0]) / 1024 for r in rows]
+
+
 def detect() -> dict[str, Any]:
     """The hw fields for this machine: GPU count, free memory of the fullest GPU, capabilities."""
     cpu = {
@@ -42,12 +71,16 @@ def detect() -> dict[str, Any]:
     }
     if _no_nvidia_driver():
         return cpu
+    before_context = driver_free_gib()  # asked first: torch's figure comes after its own context
     import torch
 
     if not torch.cuda.is_available():
         return cpu
     count = torch.cuda.device_count()
-    free = min(torch.cuda.mem_get_info(i)[0] for i in range(count)) / 2**30
+    if before_context is not None and len(before_context) == count:
+        free = min(before_context)
+    else:  # torch's free memory already lacks this process's context, which the plan adds again
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(count)) / 2**30
     props = torch.cuda.get_device_properties(0)
     capability = float(f"{props.major}.{props.minor}")
     known = next((p for p in presets() if p.get("match") and re.search(p["match"], props.name)), {})

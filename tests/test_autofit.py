@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 from conftest import compose, run_cli
@@ -212,3 +213,22 @@ def test_attention_auto_uses_flash_attention_only_where_it_can_run(monkeypatch):
     assert pinned.cfg.model.attn_implementation == "eager"
     # attention sinks: finetune's SDPA even where flash-attn is installed (FlashAttention-2 drops sinks)
     assert _plan(["model=gpt-oss-20b", "hw=h100"]).cfg.model.attn_implementation == "sdpa"
+
+
+def test_detected_free_memory_is_the_drivers_before_our_context(tmp_path, monkeypatch):
+    """hw=auto asks nvidia-smi (a stand-in here) before torch opens its CUDA context, which the plan
+    adds itself; it gives up where it cannot tell which GPUs torch sees."""
+    from finetune import hardware
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\nprintf "15101, [N/A]\\n8000, [N/A]\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert hardware.driver_free_gib("") == pytest.approx([15101 / 1024, 8000 / 1024])
+    assert hardware.driver_free_gib("1") == pytest.approx([8000 / 1024])
+    assert hardware.driver_free_gib("GPU-8a1f,GPU-22c3") is None  # UUIDs: no way to match the rows
+    assert hardware.driver_free_gib("3") is None
+    fake.write_text('#!/bin/sh\nprintf "40000, Enabled\\n"\n')  # MIG: the whole card's figure
+    assert hardware.driver_free_gib("") is None
+    fake.write_text("#!/bin/sh\nexit 9\n")
+    assert hardware.driver_free_gib("") is None
