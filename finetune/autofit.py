@@ -438,28 +438,19 @@ def _reasons(before: dict, pick: dict, fits: bool, freed: dict[str, float]) -> l
         ),
         ("accumulation", str(pick["accum"]), why("accum", "auto: effective batch / (micro-batch x GPUs)")),
     ]
-    if pick["embed"] or before["embed"] != AUTO:
-        rows.append(
-            (
-                "input embedding",
-                "host RAM" if pick["embed"] else "GPU",
-                why(
-                    "embed",
-                    f"auto: needed to fit; frees {freed.get('embed', 0):.1f} GiB, rows looked up on the CPU",
-                ),
-            )
-        )
-    if pick["offload_acts"] or before["offload_acts"] != AUTO:
-        rows.append(
-            (
-                "activation offload",
-                "on" if pick["offload_acts"] else "off",
-                why(
-                    "offload_acts",
-                    f"auto: needed to fit; checkpointed layer inputs in host RAM free {freed.get('offload_acts', 0):.1f} GiB",
-                ),
-            )
-        )
+    offloads = (
+        ("embed", "input embedding", ("host RAM", "GPU"), "frees {:.1f} GiB, rows looked up on the CPU"),
+        (
+            "offload_acts",
+            "activation offload",
+            ("on", "off"),
+            "checkpointed layer inputs in host RAM free {:.1f} GiB",
+        ),
+    )
+    for key, setting, (on, off), effect in offloads:
+        if pick[key] or before[key] != AUTO:
+            reason = why(key, "auto: needed to fit; " + effect.format(freed.get(key, 0.0)))
+            rows.append((setting, on if pick[key] else off, reason))
     if before["r"] == AUTO:
         rows.append(
             ("lora rank", str(pick["r"]), "auto: r16, the usual sweet spot; rank barely moves memory")
