@@ -191,9 +191,10 @@ class QuantizedExperts(nn.Module):
             return getattr(self, kind)[e].to(dtype)
         b = lambda name: getattr(self, f"{kind}_{name}")  # noqa: E731
         shape = self.shapes[kind]
+        # dequantized straight into ``dtype``: one transient copy (the estimator's), not an fp32/bf16 one too
         if self.bits == "8bit":
-            qs = QuantState(absmax=b("absmax")[e], code=b("code"), blocksize=INT8_BLOCK, dtype=torch.float32)
-            return bnbf.dequantize_blockwise(b("q")[e], qs).view(shape).to(dtype)
+            qs = QuantState(absmax=b("absmax")[e], code=b("code"), blocksize=INT8_BLOCK, dtype=dtype)
+            return bnbf.dequantize_blockwise(b("q")[e], qs).view(shape)
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=b("absmax2")[e], code=b("code2"), blocksize=256, dtype=torch.float32)
@@ -203,12 +204,11 @@ class QuantizedExperts(nn.Module):
             code=b("code"),
             blocksize=NF4_BLOCK,
             quant_type=self.quant_type,
-            dtype=torch.bfloat16 if dtype == torch.float16 else dtype,
+            dtype=dtype,
             offset=b("offset")[e] if self.double_quant else None,
             state2=state2,
         )
-        w = bnbf.dequantize_4bit(b("q")[e].view(-1, 1), qs)
-        return w.to(dtype)
+        return bnbf.dequantize_4bit(b("q")[e].view(-1, 1), qs)
 
     # ---- LoRA
     def add_adapters(self, r: int, alpha: float, kinds: tuple[str, ...], dtype) -> None:
