@@ -89,7 +89,7 @@ def implementation(requested: str, arch: dict) -> str:
     from finetune import memory
 
     a = memory.describe(arch)
-    if requested != "sdpa" or a.sdpa_supported or not any(layer.sinks for layer in a.layers):
+    if requested != "sdpa" or a.sdpa_supported or not a.sinks:
         return requested
     register()
     return NAME

@@ -86,9 +86,8 @@ def dims(arch: dict) -> dict:
 def attention_implementations(arch: dict) -> list[str]:
     """The attention kernels the model class supports (eager always): for attn_implementation=auto."""
     r = describe(arch)
-    if (
-        r.sinks
-    ):  # finetune.attention's SDPA; FlashAttention-2 would drop the sinks (FA3/FA4 kernels take them)
+    # sinks: finetune.attention's SDPA; FlashAttention-2 would drop them (FA3/FA4 kernels take them)
+    if r.sinks:
         return ["eager", "sdpa", *(k for k in r.attn_kernels if k != "flash_attention_2")]
     return ["eager", *(["sdpa"] if r.sdpa_supported else [])] + list(r.attn_kernels)
 
@@ -143,10 +142,9 @@ def check(s: Settings, a: Arch) -> None:
                 f"Settings.modules_to_save: {name!r} is not modelled; use some of {sorted(whole)}"
             )
     tensors.adapted(a, s)  # named LoRA targets must exist
-    if s.offload_embedding and tensors.embedding_stays(a, s):
-        raise ValueError(
-            f"Settings.offload_embedding: the input embedding stays on the GPU, {tensors.embedding_stays(a, s)}"
-        )
+    stays = tensors.embedding_stays(a, s) if s.offload_embedding else ""
+    if stays:
+        raise ValueError(f"Settings.offload_embedding: the input embedding stays on the GPU, {stays}")
 
 
 def estimate(arch: dict, s: Settings = Settings(), task: str = "causal-lm") -> Estimate:  # noqa: B008

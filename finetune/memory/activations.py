@@ -180,9 +180,8 @@ def _layer(a: Arch, L: Layer, s: Settings, names: set[str], eager: bool, masked:
 
     q, kv, nh = L.q_dim, L.kv_dim, a.heads
     sink_sdpa = L.sinks and s.attn == "sdpa"  # finetune.attention: keys shared explicitly, head dim padded
-    repeat_kv = (
-        eager or sink_sdpa or (s.attn == "sdpa" and masked and kv < q)
-    )  # SDPA's GQA path needs no mask
+    # SDPA's own grouped-query path needs no mask
+    repeat_kv = eager or sink_sdpa or (s.attn == "sdpa" and masked and kv < q)
     kv_saved = q if repeat_kv else kv
 
     # ---- attention block of one layer, bytes per token
@@ -210,7 +209,7 @@ def _layer(a: Arch, L: Layer, s: Settings, names: set[str], eager: bool, masked:
         attn += c * q + 4 * nh  # attention output + logsumexp
         attn_bwd = c * (2 * q + 2 * kv_saved)  # gradients of q, k, v and of the output
         if sink_sdpa:  # q, k, v and the output padded by the sink channel; the layer's mask + sink column
-            pad = nh * (-(-(a.head_dim + 1) // 8) * 8) - q
+            pad = nh * (-(-(a.head_dim + 1) // 8) * 8) - q  # finetune.attention.ALIGN; masks pad to 16
             attn += c * 4 * pad + c * (-(-(S + 1) // 16) * 16)
             attn_bwd += c * 4 * pad
     attn += inputs_saved(mid, L.o)
