@@ -406,6 +406,8 @@ def _resolve_dist(
 
 def _offloaded_gib(cfg: Config, arch: dict, pick: dict) -> dict[str, float]:
     """GPU memory each host offload of the pick frees: the estimate without it minus with it."""
+    if not (pick["embed"] or pick["offload_acts"]):
+        return {}
     total = memory.estimate(arch, settings(cfg, arch, **pick)).total_gib
     return {
         key: memory.estimate(arch, settings(cfg, arch, **(pick | {key: False}))).total_gib - total
