@@ -285,6 +285,14 @@ def _count(errors: list[str], key: str, value: Any, hint: str = "") -> None:
         errors.append(f"{key}={value} must be a whole number of at least 1, or auto.{hint}")
 
 
+def _true_false_auto(errors: list[str], key: str, value: Any) -> bool:
+    """Is a tri-state knob true, false or auto? Adds the error line when not."""
+    if value in (True, False, AUTO):
+        return True
+    errors.append(f"{key}={value} must be true, false or auto.")
+    return False
+
+
 def _one_of(errors: list[str], key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
         errors.append(
@@ -562,26 +570,24 @@ def validate(cfg: Config) -> None:
         e.append(f"data.max_length={d.max_length} must be a whole number of tokens, or auto.")
     elif d.max_length != AUTO and d.max_length < 8:
         e.append(f"data.max_length={d.max_length} is too short to hold a prompt and an answer (use >= 64).")
-    if d.padding_free not in (True, False, AUTO):
-        e.append(f"data.padding_free={d.padding_free} must be true, false or auto.")
-    elif d.packing and d.padding_free is False:
+    if _true_false_auto(e, "data.padding_free", d.padding_free) and d.packing and d.padding_free is False:
         e.append("data.packing=true packs examples into padding-free rows: drop data.padding_free=false.")
     if not 0 <= d.eval_fraction < 1:
         e.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
     if d.num_train < 1:
         e.append(f"data.num_train={d.num_train} must be at least 1.")
 
-    if t.gradient_checkpointing not in (True, False, AUTO):
-        e.append(f"train.gradient_checkpointing={t.gradient_checkpointing} must be true, false or auto.")
-    if t.offload_activations not in (True, False, AUTO):
-        e.append(f"train.offload_activations={t.offload_activations} must be true, false or auto.")
-    elif t.offload_activations is True and t.gradient_checkpointing is False:
+    _true_false_auto(e, "train.gradient_checkpointing", t.gradient_checkpointing)
+    if (
+        _true_false_auto(e, "train.offload_activations", t.offload_activations)
+        and t.offload_activations is True
+        and t.gradient_checkpointing is False
+    ):
         e.append(
             "train.offload_activations=true offloads the inputs gradient checkpointing keeps: "
             "set train.gradient_checkpointing=true (or auto), or drop train.offload_activations."
         )
-    if m.offload_embedding not in (True, False, AUTO):
-        e.append(f"model.offload_embedding={m.offload_embedding} must be true, false or auto.")
+    _true_false_auto(e, "model.offload_embedding", m.offload_embedding)
     sharded = cfg.dist.strategy not in (AUTO, "none", "ddp")
     for key, value in (
         ("model.offload_embedding", m.offload_embedding),
@@ -630,10 +636,7 @@ def _validate_dist(e: list[str], dist: Any) -> None:
     options = sorted(p.stem for p in (config_dir() / "dist").glob("*.yaml") if p.stem != AUTO)
     for name in dist.candidates:
         _one_of(e, "dist.candidates", name, options)
-    if dist.activation_checkpointing not in (True, False, AUTO):
-        e.append(
-            f"dist.activation_checkpointing={dist.activation_checkpointing} must be true, false or auto."
-        )
+    _true_false_auto(e, "dist.activation_checkpointing", dist.activation_checkpointing)
     host = dist.host_memory_gb
     if host != AUTO and (isinstance(host, bool) or not isinstance(host, int | float) or host <= 0):
         e.append(f"dist.host_memory_gb={host} must be a positive number of GiB, or auto.")
